@@ -160,3 +160,30 @@ def test_build_pool_from_shared_data(shared_data, tmp_path):
     rep = json.loads(Path(str(out).replace(".jsonl", ".report.json")).read_text())
     assert rep["sources"]["gsm8k"]["kept"] == 300
     assert set(rep["contamination"]) == {"gsm8k", "mmlu:anatomy"}
+
+
+def test_score_then_select_from_scores(pool, tmp_path):
+    scores = tmp_path / "s.parquet"
+    r = ccds("score", "--pool", pool, "--out", scores, "--method", "random", "--seed", "5")
+    assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert ccds("select", "--pool", pool, "--scores", scores, "--count", "4",
+                "--out", a).returncode == 0
+    assert ccds("select", "--pool", pool, "--method", "random", "--seed", "5", "--count", "4",
+                "--out", b).returncode == 0
+    assert a.read_text() == b.read_text()
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt": "q", "response": "r"}\n')
+    one_error_line(ccds("select", "--pool", other, "--scores", scores, "--count", "1",
+                        "--out", tmp_path / "c.jsonl"), "does not match the pool")
+
+
+def test_cost_prices_methods_without_running(tmp_path):
+    assert ccds("data", "synth", "--out", tmp_path / "d", "--n-pool", "200",
+                "--n-test", "5").returncode == 0
+    r = ccds("cost", "--pool", tmp_path / "d" / "pool.jsonl", "--target",
+             tmp_path / "d" / "targets" / "synth-arithmetic", "--method", "bm25", "--method",
+             "ppl", "--method", "random", "--fractions", "0.1,1")
+    assert r.returncode == 0, r.stderr
+    for needle in ("train on 10.0%", "train on 100.0%", "select: bm25", "select: ppl"):
+        assert needle in r.stdout

@@ -132,3 +132,20 @@ def test_ppl_variants_and_cost(tiny_model_dir, synth):
     assert s.stage.analytic_flops > plain  # training the scorer on V is charged
     assert s.stage.analytic_flops == pytest.approx(m.cost(pool, targets[0]), rel=0.05)
     assert not np.array_equal(s.values, got["low"])
+
+
+def test_cascade_ranks_the_kept_fraction_by_the_expensive_method(synth):
+    pool, targets = synth
+    target = targets[0]
+    cheap = run(get_method("bm25"), pool, target, cache=None).values
+    m = get_method("cascade", cheap="bm25", expensive="embed", keep=0.2)
+    s = run(m, pool, target, cache=None)
+    kept = set(select(cheap, fraction=0.2).tolist())
+    assert set(select(s.values, fraction=0.2).tolist()) == kept  # the cheap filter holds
+    embed_cost = get_method("embed").cost(pool, target)
+    assert m.cost(pool, target) == pytest.approx(get_method("bm25").cost(pool, target)
+                                                 + 0.2 * embed_cost)
+    # the expensive scorer saw only the kept fifth: its share of the measured work is small
+    assert s.stage.analytic_flops < 0.3 * embed_cost
+    top = select(s.values, fraction=0.05)
+    assert np.mean([pool[i].source.endswith("arithmetic") for i in top]) > 0.6

@@ -146,34 +146,69 @@ def data_stats(pool: Annotated[str, typer.Argument(help="pool file, folder or hu
         typer.echo(f"  {n:7d}  {src}")
 
 
-# -- score / select ------------------------------------------------------------------------
+# -- score / select / cost ----------------------------------------------------------------
+
+MethodOpt = Annotated[str, Opt(help="selection method: random, bm25, embed, ppl, cascade")]
+ParamOpt = Annotated[list[str] | None, Opt(help="method parameter name=value (repeatable)")]
+
+
+def _score(pool: str, method: str, target: str | None, param: list[str] | None, seed: int):
+    from .score import get_method, run
+
+    examples = _load_pool(pool)
+    m = get_method(method, **{"seed": seed, **_params(param)})
+    tgt = _load_target(target) if target else None
+    return examples, run(m, examples, tgt)
+
+
+@app.command("score")
+def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
+              out: Annotated[Path, Opt(help="scores file (.parquet)")],
+              method: MethodOpt = "random",
+              target: Annotated[str | None, Opt(help="target spec or folder")] = None,
+              param: ParamOpt = None, seed: Annotated[int, Opt()] = 0):
+    """Score every pool example (higher = select first); write id, score to Parquet."""
+    from .score.base import write_scores
+
+    examples, scores = _score(pool, method, target, param, seed)
+    write_scores(out, scores)
+    st = scores.stage
+    typer.echo(f"{method}: scored {len(examples)} examples -> {out} ({st.analytic_flops:.3e} "
+               f"FLOPs analytic, {st.measured_flops or 0:.3e} measured, {st.wall_s:.1f} s"
+               f"{', cached' if scores.cached else ''})")
+
 
 @app.command("select")
 def select_cmd(
         pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
         out: Annotated[Path, Opt(help="subset: .jsonl, .parquet or a HF dataset folder")],
-        method: Annotated[str, Opt(help="selection method")] = "random",
+        method: MethodOpt = "random",
         target: Annotated[str | None, Opt(help="target spec or folder")] = None,
+        scores: Annotated[Path | None, Opt(help="use a scores file from `ccds score`")] = None,
         fraction: Annotated[float | None, Opt(help="fraction of the pool, in (0, 1]")] = None,
         count: Annotated[int | None, Opt(help="number of examples")] = None,
         tokens: Annotated[int | None, Opt(help="training-token budget")] = None,
-        param: Annotated[list[str] | None, Opt(help="method parameter name=value")] = None,
+        param: ParamOpt = None,
         seed: Annotated[int, Opt()] = 0,
         model: Annotated[str, Opt(help="tokenizer for --tokens")] = "smollm2-135m",
         fmt: Annotated[str | None, Opt("--format", help="jsonl, parquet or hf")] = None):
-    """Score the pool with a method and write the selected subset."""
+    """Score the pool with a method (or read scores) and write the selected subset."""
     from .data.formats import write_examples
-    from .score import get_method, run
+    from .score import read_scores
     from .select import select
 
     if sum(x is not None for x in (fraction, count, tokens)) != 1:
         raise CcdsError("give exactly one of --fraction, --count or --tokens")
     if fraction is not None and not 0 < fraction <= 1:
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
-    examples = _load_pool(pool)
-    tgt = _load_target(target) if target else None
-    m = get_method(method, **{"seed": seed, **_params(param)})
-    scores = run(m, examples, tgt)
+    if scores is not None:
+        examples = _load_pool(pool)
+        sc = read_scores(scores)
+        if sc is None or sc.ids != [e.id for e in examples]:
+            raise CcdsError("scores file does not match the pool (ids differ or unreadable)",
+                            str(scores), "re-run ccds score on this pool")
+    else:
+        examples, sc = _score(pool, method, target, param, seed)
     lengths = None
     if tokens is not None:
         from .models import load_causal_lm
@@ -181,11 +216,57 @@ def select_cmd(
 
         _, tok, _ = load_causal_lm(model)
         lengths = encode(examples, tok).lengths
-    idx = select(scores.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths)
+    idx = select(sc.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths)
     write_examples([examples[i] for i in idx], out, fmt)
-    typer.echo(f"{method}: selected {len(idx)} of {len(examples)} -> {out} "
-               f"(selection {scores.stage.analytic_flops:.3e} FLOPs, "
-               f"{scores.stage.wall_s:.1f} s{', cached' if scores.cached else ''})")
+    typer.echo(f"{sc.method}: selected {len(idx)} of {len(examples)} -> {out} "
+               f"(selection {sc.stage.analytic_flops:.3e} FLOPs, "
+               f"{sc.stage.wall_s:.1f} s{', cached' if sc.cached else ''})")
+
+
+@app.command("cost")
+def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
+             target: Annotated[str | None, Opt(help="target spec or folder")] = None,
+             method: Annotated[list[str] | None, Opt(help="methods to price (default: all "
+                                                          "with default parameters)")] = None,
+             train_model: Annotated[str, Opt(help="model to be fine-tuned")] = "smollm2-135m",
+             fractions: Annotated[str, Opt(help="comma-separated")] = "0.025,0.05,0.1,0.25,0.5,1",
+             epochs: Annotated[float, Opt()] = 1.0):
+    """Price selection and training in FLOPs without running anything."""
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from .flops import encoded_work, lora_step_flops, paper_flops
+    from .models import counts_without_weights, resolve
+    from .score import REGISTRY, get_method
+    from .tokenize import encode
+    from .train import TrainConfig
+
+    examples = _load_pool(pool)
+    tgt = _load_target(target) if target else None
+    fr = [float(x) for x in fractions.split(",") if x.strip()]
+    if any(not 0 < f <= 1 for f in fr):
+        raise CcdsError(f"fractions must be in (0, 1]: {fractions}")
+    tok = AutoTokenizer.from_pretrained(resolve(train_model).path)
+    counts = counts_without_weights(train_model, TrainConfig(model=train_model))
+    work = encoded_work(encode(examples, tok), suffix=True)
+    full = lora_step_flops(counts, work) * epochs
+    full_paper = paper_flops(counts, work.tokens, training=True) * epochs
+    table = Table(title=f"FLOPs for {len(examples):,} examples ({work.tokens:,} tokens); "
+                        f"training {train_model} with LoRA, {epochs:g} epoch(s)")
+    table.add_column("stage")
+    table.add_column("FLOPs (ccds)", justify="right")
+    table.add_column("FLOPs (paper 6·N·T)", justify="right")
+    for f in fr:
+        table.add_row(f"train on {f:.1%}", f"{full * f:.3e}", f"{full_paper * f:.3e}")
+    names = method or sorted(REGISTRY)
+    for name in names:
+        m = get_method(name)
+        if m.needs_target and tgt is None:
+            table.add_row(f"select: {name}", "needs --target", "")
+            continue
+        table.add_row(f"select: {name}", f"{m.cost(examples, tgt):.3e}", "")
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 # -- train / eval --------------------------------------------------------------------------
@@ -285,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     import click
 
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         app(args=argv, standalone_mode=False)
     except CcdsError as e:

@@ -1,0 +1,250 @@
+"""LESS: gradient-based selection (Xia et al. 2024) as the CCDS paper runs it (spec §3).
+
+1. Warmup: LoRA-train the selection model on a seeded 5% of the pool for 4 epochs, keeping a
+   checkpoint with its AdamW moments after each epoch.
+2. Per checkpoint, per-example LoRA gradients, computed for a whole batch from one backward
+   pass: each LoRA matrix is a Linear layer, so example b's weight gradient is
+   Σ_t grad_out[b,t]ᵀ · input[b,t], an einsum over the activations and output gradients that
+   hooks capture. Pool examples use the Adam update direction m'/sqrt(v' + ε) built from the
+   checkpoint's moments; validation examples use the plain gradient.
+3. A seeded Rademacher projection to k dimensions, generated in row chunks from a counter-
+   based seed (the same matrix on any machine), then L2 normalisation.
+4. score = Σ_ckpt w_ckpt · mean over a subtask's V of <ĝ_x, ĝ_v>, max over subtasks, with
+   w_ckpt the checkpoint epoch's mean learning rate normalised to sum to 1.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..flops import Ledger, encoded_work, lora_step_flops
+from ..lm import response_nll
+from ..models import counts_without_weights, load_causal_lm, param_counts, resolve
+from ..progress import bar
+from ..tokenize import Encoded, collate, encode, length_batches
+from ..train import TrainConfig, train
+from .base import Method, Params, aggregate_subtasks
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+class LESSParams(Params):
+    model: str = "smollm2-135m"
+    warmup_fraction: float = Field(0.05, gt=0, le=1)
+    warmup_epochs: int = Field(4, ge=1)
+    lr: float = 2e-4
+    lora_r: int = 8
+    lora_alpha: float = 32
+    proj_dim: int = Field(8192, ge=1)
+    max_len: int = 512
+    batch_tokens: int = 2048
+    project_every: int = Field(256, ge=1, description="examples projected together")
+    reduce: str = "max"
+
+
+class LESS(Method):
+    name = "less"
+    Params = LESSParams
+
+    def fingerprint(self) -> str:
+        return resolve(self.params.model).fingerprint
+
+    def warmup_config(self) -> TrainConfig:
+        p = self.params
+        return TrainConfig(model=p.model, epochs=p.warmup_epochs, checkpoints=p.warmup_epochs,
+                           lr=p.lr, lora_r=p.lora_r, lora_alpha=p.lora_alpha,
+                           max_len=p.max_len, seed=p.seed, lora_dropout=0.1)
+
+    def warmup_subset(self, pool) -> list:
+        n = max(1, int(round(self.params.warmup_fraction * len(pool))))
+        idx = np.sort(np.random.default_rng(self.params.seed).choice(len(pool), n,
+                                                                    replace=False))
+        return [pool[i] for i in idx]
+
+    def cost(self, pool, target) -> float:
+        from transformers import AutoTokenizer
+
+        p = self.params
+        cfg = self.warmup_config()
+        counts = counts_without_weights(p.model, cfg)
+        tok = AutoTokenizer.from_pretrained(resolve(p.model).path)
+        warm = encoded_work(encode(self.warmup_subset(pool), tok, p.max_len), suffix=True)
+        d = encoded_work(encode(pool, tok, p.max_len), suffix=True)
+        v = encoded_work(encode(target.val, tok, p.max_len), suffix=True)
+        per_ckpt = (lora_step_flops(counts, d) + lora_step_flops(counts, v)
+                    + 2.0 * counts["lora"] * p.proj_dim * (len(pool) + len(target.val))
+                    + 2.0 * len(pool) * len(target.subtasks) * p.proj_dim)
+        return lora_step_flops(counts, warm) * cfg.epochs + per_ckpt * cfg.checkpoints
+
+    def score(self, pool, target, ctx, meter) -> np.ndarray:
+        p = self.params
+        model, tok, _ = load_causal_lm(p.model)
+        model.to(ctx.runtime.device)
+        with tempfile.TemporaryDirectory(prefix="ccds-less-") as tmp:
+            ledger = Ledger()
+            warm = train(self.warmup_subset(pool), self.warmup_config(), model=model,
+                         tokenizer=tok, runtime=ctx.runtime, ledger=ledger, out=tmp,
+                         progress="less: warmup" if ctx.progress else None)
+            meter.add(ledger.stages[0].analytic_flops, ledger.stages[0].paper_flops)
+            model = warm.model
+            meter.params = param_counts(model)
+            names = lora_names(model)
+            proj = RademacherProjection(meter.params["lora"], p.proj_dim, p.seed)
+            states = [json.loads((c / "state.json").read_text()) for c in warm.checkpoints]
+            weights = np.array([s["mean_lr"] for s in states])
+            weights = weights / weights.sum()
+            pool_enc = encode(pool, tok, p.max_len)
+            val_enc = encode(target.val, tok, p.max_len)
+            groups = target.val_by_subtask()
+            total = np.zeros((len(pool), len(groups)))
+            for c, (ckpt, w) in enumerate(zip(warm.checkpoints, weights, strict=True)):
+                load_lora(model, ckpt)
+                moments = load_moments(ckpt, names)
+                val = self.features(model, val_enc, tok, names, proj, None, ctx, meter)
+                centroids = np.stack([val[idx].mean(axis=0) for idx in groups.values()], 1)
+                desc = f"less: checkpoint {c + 1}/{len(states)}" if ctx.progress else None
+                feats = self.features(model, pool_enc, tok, names, proj, moments, ctx, meter,
+                                      desc)
+                total += w * (feats @ centroids)
+                meter.add(2.0 * feats.size * centroids.shape[1])
+        return aggregate_subtasks({n: total[:, i] for i, n in enumerate(groups)}, p.reduce)
+
+    def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,
+                 moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, ctx, meter,
+                 desc: str | None = None) -> np.ndarray:
+        """Projected, L2-normalised per-example gradient features (Adam-shaped if moments)."""
+        out = np.zeros((len(enc), proj.k), dtype=np.float32)
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        n_pending = 0
+        b = bar(len(enc), desc, unit="ex")
+
+        def flush():
+            nonlocal n_pending
+            if not pending:
+                return
+            rows = np.concatenate([ix for ix, _ in pending])
+            g = torch.cat([x for _, x in pending])
+            z = proj(g)
+            meter.add(2.0 * g.shape[0] * g.shape[1] * proj.k)
+            out[rows] = torch.nn.functional.normalize(z, dim=1).numpy()
+            pending.clear()
+            n_pending = 0
+
+        for index in length_batches(enc.lengths, self.params.batch_tokens):
+            batch = collate(enc, index, tok.pad_token_id).to(ctx.runtime.device)
+            g = per_example_grads(model, batch, names, ctx.runtime)
+            meter.lora_step(batch)
+            if moments is not None:
+                g = adam_direction(g, names, moments)
+            pending.append((index, g.cpu()))
+            n_pending += len(index)
+            b.update(len(index))
+            if n_pending >= self.params.project_every:
+                flush()
+        flush()
+        b.close()
+        return out
+
+
+# -- per-example gradients ----------------------------------------------------------------
+
+def lora_names(model) -> list[str]:
+    """Names of the trainable LoRA weights, in a fixed order (the feature layout)."""
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def per_example_grads(model, batch, names: list[str], runtime) -> torch.Tensor:
+    """[B, N_lora] gradients of each example's mean response loss, from one backward pass."""
+    modules = dict(model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(name):
+        def fwd(mod, inputs, output):
+            captured[name] = [inputs[0].detach()]
+            output.register_hook(lambda g: captured[name].append(g.detach()))
+        return fwd
+
+    for n in names:
+        handles.append(modules[n.removesuffix(".weight")].register_forward_hook(hook(n)))
+    try:
+        was_training = model.training
+        model.eval()  # no dropout: a gradient per example, not per dropout mask
+        with runtime.amp():
+            nll, count = response_nll(model, batch, suffix=True)
+            loss = (nll / count.clamp(min=1)).sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    parts = []
+    for n in names:
+        x, g = captured[n]
+        parts.append(torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+def adam_direction(g: torch.Tensor, names: list[str],
+                   moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """m' / sqrt(v' + ε) with m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g² (no bias fix)."""
+    m = torch.cat([moments[n][0].flatten() for n in names])
+    v = torch.cat([moments[n][1].flatten() for n in names])
+    m2 = BETA1 * m + (1 - BETA1) * g
+    v2 = BETA2 * v + (1 - BETA2) * g * g
+    return m2 / torch.sqrt(v2 + EPS)
+
+
+def load_lora(model, ckpt: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+
+
+def load_moments(ckpt: Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    t = load_file(str(ckpt / "optimizer.safetensors"))
+    return {n: (t[f"{n}.exp_avg"], t[f"{n}.exp_avg_sq"]) for n in names}
+
+
+# -- projection ---------------------------------------------------------------------------
+
+class RademacherProjection:
+    """x @ R with R ∈ {±1/√k}^{n×k}, built chunk by chunk of rows from (seed, chunk index)
+    with numpy's PCG64 and packed bits: the same matrix on any machine, never held whole
+    unless it fits in `cache_bytes` of packed bits."""
+
+    def __init__(self, n: int, k: int, seed: int, chunk: int = 8192,
+                 cache_bytes: int = 1 << 30):
+        self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
+        self._cache: dict[int, np.ndarray] | None = {} if n * k / 8 <= cache_bytes else None
+
+    def _bits(self, c: int) -> np.ndarray:
+        if self._cache is not None and c in self._cache:
+            return self._cache[c]
+        rows = min(self.chunk, self.n - c * self.chunk)
+        rng = np.random.Generator(np.random.PCG64([self.seed, c]))
+        bits = rng.integers(0, 256, size=(rows, (self.k + 7) // 8), dtype=np.uint8)
+        if self._cache is not None:
+            self._cache[c] = bits
+        return bits
+
+    def block(self, c: int) -> torch.Tensor:
+        signs = np.unpackbits(self._bits(c), axis=1, count=self.k).astype(np.float32)
+        return torch.from_numpy(signs * 2 - 1) / np.sqrt(self.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
+        for c in range((self.n + self.chunk - 1) // self.chunk):
+            lo = c * self.chunk
+            out += x[:, lo:lo + self.chunk].float() @ self.block(c)
+        return out
