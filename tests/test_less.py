@@ -77,19 +77,31 @@ def test_projection_is_seeded_chunk_invariant_and_norm_preserving():
     assert (proj.block(2)[0, :8] > 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
 
 
-def test_less_end_to_end_on_tiny_model(tiny_model_dir):
+def test_less_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     from ccds.data.synth import generate
 
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "a"))
     pool, targets = generate(seed=0, n_pool=120, n_val=4, n_test=4)
-    target = next(t for t in targets if t.name == "synth-dates")  # two subtasks
-    m = get_method("less", model=str(tiny_model_dir), proj_dim=64, warmup_fraction=0.1,
-                   warmup_epochs=2, lr=1e-2)
-    s = run(m, pool, target, cache=None)
+    dates = next(t for t in targets if t.name == "synth-dates")  # two subtasks
+    lists = next(t for t in targets if t.name == "synth-lists")
+
+    def less():
+        return get_method("less", model=str(tiny_model_dir), proj_dim=64,
+                          warmup_fraction=0.1, warmup_epochs=2, lr=1e-2)
+
+    s = run(less(), pool, dates, cache=None)
     assert s.values.shape == (120,) and np.isfinite(s.values).all()
     st = s.stage
-    assert st.analytic_flops == pytest.approx(m.cost(pool, target), rel=0.05)
+    assert st.detail["reused_flops"] == 0
+    assert st.analytic_flops == pytest.approx(less().cost(pool, dates), rel=0.05)
     assert st.measured_flops == pytest.approx(st.analytic_flops, rel=0.1)
-    again = run(get_method("less", model=str(tiny_model_dir), proj_dim=64,
-                           warmup_fraction=0.1, warmup_epochs=2, lr=1e-2), pool, target,
-                cache=None)
-    assert np.allclose(s.values, again.values, atol=1e-6)  # deterministic
+    # a second target reuses the warmup and pool features: only V is new work, but the
+    # ledger still charges LESS's full price
+    other = run(less(), pool, lists, cache=None).stage
+    assert other.detail["reused_flops"] > 0.8 * other.analytic_flops
+    assert other.measured_flops < 0.3 * other.analytic_flops
+    assert other.analytic_flops == pytest.approx(less().cost(pool, lists), rel=0.05)
+    # reused features and a fresh computation elsewhere give the same scores
+    assert np.allclose(run(less(), pool, dates, cache=None).values, s.values, atol=1e-6)
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "b"))
+    assert np.allclose(run(less(), pool, dates, cache=None).values, s.values, atol=1e-6)

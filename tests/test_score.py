@@ -72,6 +72,10 @@ def test_bm25_agrees_with_rank_bm25_on_real_data(shared_data):
     reference = np.mean(per_subtask, axis=0)
     assert spearmanr(ours, reference).statistic >= 0.999
     assert np.allclose(ours, reference)
+    # the two-pass sharded mode gives the same scores, and shares the cache entry
+    sharded = get_method("bm25", shard_size=300)
+    assert np.allclose(run(sharded, pool, target, cache=None).values, ours, rtol=1e-12)
+    assert sharded.key(pool, target) == get_method("bm25").key(pool, target)
 
 
 @pytest.mark.parametrize("method", ["bm25", "embed"])

@@ -29,6 +29,8 @@ REGISTRY: dict[str, type[Method]] = {}
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # how to run, not what to compute: left out of the cache key
+    execution: ClassVar[frozenset[str]] = frozenset()
     seed: int = 0
 
 
@@ -76,7 +78,8 @@ class Method(ABC):
 
     def key(self, pool: Sequence[Example], target: Target | None) -> str:
         h = hashlib.sha256()
-        for part in (self.name, self.params.model_dump_json(), self.fingerprint(),
+        p = self.params.model_dump_json(exclude=set(self.params.execution))
+        for part in (self.name, p, self.fingerprint(),
                      examples_hash(pool), target_hash(target) if self.needs_target else ""):
             h.update(part.encode())
             h.update(b"\0")

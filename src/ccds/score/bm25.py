@@ -1,19 +1,27 @@
 """BM25 (Okapi) lexical relevance of pool prompts to a target's validation examples.
 
-The pool is one sparse document-term matrix of BM25 term weights; BM25 is linear in the
-query's term counts, so the mean score over a subtask's validation examples is the score of
-their mean term-count vector. Scoring is then one sparse matrix-vector product per subtask,
-and no |D|×|V| matrix is ever formed. idf follows Okapi with the common floor for negative
-values (ε·mean idf, ε = 0.25), so scores agree with rank_bm25's BM25Okapi.
+BM25 is linear in the query's term counts, so the mean score over a subtask's validation
+examples is the score of their mean term-count vector: scoring is one sparse matrix-vector
+product per subtask and no |D|×|V| matrix is ever formed. idf follows Okapi with the common
+floor for negative values (ε·mean idf, ε = 0.25), so scores agree with rank_bm25's BM25Okapi.
+
+Two passes keep memory bounded for pools of millions: pass 1 streams the pool once for
+document frequencies and lengths (statistics of shards merge by addition, so shards can be
+counted anywhere); pass 2 scores one shard at a time, with only the query terms as columns.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import Field
 
+from ..data.types import Example
 from .base import Method, Params, aggregate_subtasks
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -24,77 +32,120 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+@dataclass
+class CorpusStats:
+    """Pass 1: what BM25 needs to know about the whole pool. `a + b` merges shards."""
+
+    n: int = 0
+    total_len: int = 0
+    df: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, docs: Iterable[Example]) -> CorpusStats:
+        s = cls()
+        for e in docs:
+            toks = tokenize(e.prompt)
+            s.n += 1
+            s.total_len += len(toks)
+            s.df.update(set(toks))
+        return s
+
+    def __add__(self, other: CorpusStats) -> CorpusStats:
+        return CorpusStats(self.n + other.n, self.total_len + other.total_len,
+                           self.df + other.df)
+
+    def idf(self, terms: Sequence[str], epsilon: float) -> np.ndarray:
+        """Okapi idf of `terms`; negative values floored at ε·(mean idf over the vocabulary)."""
+        all_df = np.fromiter(self.df.values(), dtype=np.float64, count=len(self.df))
+        floor = epsilon * float(np.mean(np.log(self.n - all_df + 0.5) - np.log(all_df + 0.5)))
+        df = np.array([self.df[t] for t in terms], dtype=np.float64)
+        idf = np.log(self.n - df + 0.5) - np.log(df + 0.5)
+        idf[idf < 0] = floor
+        return idf
+
+
 class BM25Params(Params):
+    execution = frozenset({"shard_size"})
     k1: float = 1.5
     b: float = 0.75
     epsilon: float = 0.25
     query: str = "full"  # V text used as the query: "prompt" or "full" (prompt + response)
     reduce: str = "mean"  # over subtasks: "mean" or "max"
+    shard_size: int = Field(100_000, ge=1, description="documents scored at a time (pass 2)")
 
 
 class BM25(Method):
     name = "bm25"
     Params = BM25Params
 
+    def _stats(self, pool) -> CorpusStats:
+        n = self.params.shard_size
+        return sum((CorpusStats.of(pool[lo:lo + n]) for lo in range(0, len(pool), n)),
+                   CorpusStats())
+
     def cost(self, pool, target) -> float:
         """2 FLOPs per (query term, matching document): the sparse product's multiply-adds."""
-        vocab, docs = _index(pool)
-        df = np.bincount(docs.indices, minlength=len(vocab))
-        total = 0.0
-        for q in self._queries(target, vocab).values():
-            total += 2.0 * df[q.nonzero()[0]].sum()
-        return total
+        stats = self._stats(pool)
+        terms, queries = self._queries(target, stats)
+        df = np.array([stats.df[t] for t in terms], dtype=np.float64)
+        return float(sum(2.0 * df[q.nonzero()[0]].sum() for q in queries.values()))
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
-        vocab, tf = _index(pool)
-        weights = self.weights(tf)
-        per_subtask = {}
-        for name, q in self._queries(target, vocab).items():
-            per_subtask[name] = weights @ q
-            meter.add(2.0 * weights[:, q.nonzero()[0]].nnz)
-        return aggregate_subtasks(per_subtask, self.params.reduce)
+        p = self.params
+        stats = self._stats(pool)  # pass 1
+        terms, queries = self._queries(target, stats)
+        idf = stats.idf(terms, p.epsilon)
+        column = {t: j for j, t in enumerate(terms)}
+        avgdl = stats.total_len / max(stats.n, 1)
+        per_subtask = {name: np.empty(len(pool)) for name in queries}
+        for lo in range(0, len(pool), p.shard_size):  # pass 2
+            tf, dl = _term_counts(pool[lo:lo + p.shard_size], column)
+            w = self.weights(tf, dl, idf, avgdl)
+            for name, q in queries.items():
+                per_subtask[name][lo:lo + len(dl)] = w @ q
+                meter.add(2.0 * w[:, q.nonzero()[0]].nnz)
+        return aggregate_subtasks(per_subtask, p.reduce)
 
-    def weights(self, tf: sp.csr_matrix) -> sp.csr_matrix:
+    def weights(self, tf: sp.csr_matrix, dl: np.ndarray, idf: np.ndarray,
+                avgdl: float) -> sp.csr_matrix:
         """BM25 term weights w(d, t) = idf(t)·tf·(k1+1) / (tf + k1·(1 − b + b·|d|/avgdl))."""
         k1, b = self.params.k1, self.params.b
-        n = tf.shape[0]
-        dl = np.asarray(tf.sum(axis=1)).ravel()
-        avgdl = dl.mean() if n else 0.0
-        df = np.bincount(tf.indices, minlength=tf.shape[1])
-        idf = np.log(n - df + 0.5) - np.log(df + 0.5)
-        idf[idf < 0] = self.params.epsilon * idf.mean()
         w = tf.astype(np.float64).tocsr(copy=True)
-        rows = np.repeat(np.arange(n), np.diff(w.indptr))
+        rows = np.repeat(np.arange(tf.shape[0]), np.diff(w.indptr))
         norm = k1 * (1 - b + b * dl / max(avgdl, 1e-12))
         w.data = idf[w.indices] * w.data * (k1 + 1) / (w.data + norm[rows])
         return w
 
-    def _queries(self, target, vocab: dict[str, int]) -> dict[str, np.ndarray]:
-        """Mean term-count vector of each subtask's validation examples."""
-        out = {}
+    def _queries(self, target, stats: CorpusStats) -> tuple[list[str], dict[str, np.ndarray]]:
+        """The pool terms the queries use, and each subtask's mean term-count vector."""
+        texts = {}
         for name, idx in target.val_by_subtask().items():
-            q = np.zeros(len(vocab))
-            for i in idx:
-                e = target.val[i]
-                text = e.prompt if self.params.query == "prompt" else f"{e.prompt} {e.response}"
-                for tok in tokenize(text):
-                    j = vocab.get(tok)
-                    if j is not None:
-                        q[j] += 1
-            out[name] = q / len(idx)
-        return out
+            texts[name] = [tokenize(target.val[i].prompt if self.params.query == "prompt"
+                                    else f"{target.val[i].prompt} {target.val[i].response}")
+                           for i in idx]
+        terms = sorted({t for docs in texts.values() for d in docs for t in d if t in stats.df})
+        column = {t: j for j, t in enumerate(terms)}
+        out = {}
+        for name, docs in texts.items():
+            q = np.zeros(len(terms))
+            for d in docs:
+                for t in d:
+                    if t in column:
+                        q[column[t]] += 1
+            out[name] = q / len(docs)
+        return terms, out
 
 
-def _index(pool) -> tuple[dict[str, int], sp.csr_matrix]:
-    """Vocabulary and document-term count matrix of the pool's prompts."""
-    vocab: dict[str, int] = {}
-    indptr, indices = [0], []
-    for e in pool:
+def _term_counts(docs: Sequence[Example], column: dict[str, int]
+                 ) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts of the query terms (columns) in each document, and each document's length."""
+    indptr, indices, dl = [0], [], np.empty(len(docs))
+    for i, e in enumerate(docs):
         toks = tokenize(e.prompt)
-        indices.extend(vocab.setdefault(t, len(vocab)) for t in toks)
+        dl[i] = len(toks)
+        indices.extend(column[t] for t in toks if t in column)
         indptr.append(len(indices))
-    data = np.ones(len(indices), dtype=np.float64)
-    m = sp.csr_matrix((data, np.asarray(indices, dtype=np.int64), np.asarray(indptr)),
-                      shape=(len(pool), len(vocab)))
+    m = sp.csr_matrix((np.ones(len(indices)), np.asarray(indices, dtype=np.int64),
+                       np.asarray(indptr)), shape=(len(docs), len(column)))
     m.sum_duplicates()
-    return vocab, m
+    return m, dl

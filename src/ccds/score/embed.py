@@ -17,6 +17,7 @@ from .base import Method, Params, aggregate_subtasks
 
 
 class EmbedParams(Params):
+    execution = frozenset({"batch_size", "block"})
     model: str = "minilm"
     text: str = "prompt"  # what is embedded, for pool and V alike: "prompt" or "full"
     batch_size: int = 64

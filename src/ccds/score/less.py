@@ -15,8 +15,8 @@
 
 from __future__ import annotations
 
-import json
-import tempfile
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +24,19 @@ import torch
 from pydantic import Field
 
 from ..flops import Ledger, encoded_work, lora_step_flops
+from ..io import atomic_path, read_json, stable_hash, write_json
 from ..lm import response_nll
-from ..models import counts_without_weights, load_causal_lm, param_counts, resolve
+from ..models import cache_dir, counts_without_weights, load_causal_lm, param_counts, resolve
 from ..progress import bar
 from ..tokenize import Encoded, collate, encode, length_batches
-from ..train import TrainConfig, train
-from .base import Method, Params, aggregate_subtasks
+from ..train import TrainConfig, add_lora, train
+from .base import Method, Params, aggregate_subtasks, examples_hash
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
 class LESSParams(Params):
+    execution = frozenset({"batch_tokens", "project_every"})
     model: str = "smollm2-135m"
     warmup_fraction: float = Field(0.05, gt=0, le=1)
     warmup_epochs: int = Field(4, ge=1)
@@ -82,37 +84,76 @@ class LESS(Method):
                     + 2.0 * len(pool) * len(target.subtasks) * p.proj_dim)
         return lora_step_flops(counts, warm) * cfg.epochs + per_ckpt * cfg.checkpoints
 
+    def pool_key(self, pool) -> str:
+        """Identity of the target-independent work: warmup and pool features."""
+        p = self.params.model_dump(exclude={"reduce", *self.params.execution})
+        return stable_hash([p, self.fingerprint(), examples_hash(pool)])[:20]
+
     def score(self, pool, target, ctx, meter) -> np.ndarray:
+        """Warmup and pool features depend on the pool only, so they are kept on disk and
+        shared by every target (the amortisation LESS users rely on), one file per checkpoint
+        so a killed run resumes. Reused work is charged again at its recorded FLOPs (the
+        stage's `detail.reused` says how much), so each target's ledger shows LESS's full
+        price; amortising it over tasks is the analysis' job."""
         p = self.params
+        root = cache_dir() / "less" / self.pool_key(pool)
         model, tok, _ = load_causal_lm(p.model)
         model.to(ctx.runtime.device)
-        with tempfile.TemporaryDirectory(prefix="ccds-less-") as tmp:
+        reused = 0.0
+        warm_meta = root / "warmup.json"
+        if warm_meta.exists():
+            warm = read_json(warm_meta)
+            model = add_lora(model, self.warmup_config())
+            reused += warm["flops"]
+            meter.add(warm["flops"], warm["paper_flops"])
+        else:
             ledger = Ledger()
-            warm = train(self.warmup_subset(pool), self.warmup_config(), model=model,
-                         tokenizer=tok, runtime=ctx.runtime, ledger=ledger, out=tmp,
-                         progress="less: warmup" if ctx.progress else None)
-            meter.add(ledger.stages[0].analytic_flops, ledger.stages[0].paper_flops)
-            model = warm.model
-            meter.params = param_counts(model)
-            names = lora_names(model)
-            proj = RademacherProjection(meter.params["lora"], p.proj_dim, p.seed)
-            states = [json.loads((c / "state.json").read_text()) for c in warm.checkpoints]
-            weights = np.array([s["mean_lr"] for s in states])
-            weights = weights / weights.sum()
-            pool_enc = encode(pool, tok, p.max_len)
-            val_enc = encode(target.val, tok, p.max_len)
-            groups = target.val_by_subtask()
-            total = np.zeros((len(pool), len(groups)))
-            for c, (ckpt, w) in enumerate(zip(warm.checkpoints, weights, strict=True)):
-                load_lora(model, ckpt)
-                moments = load_moments(ckpt, names)
-                val = self.features(model, val_enc, tok, names, proj, None, ctx, meter)
-                centroids = np.stack([val[idx].mean(axis=0) for idx in groups.values()], 1)
-                desc = f"less: checkpoint {c + 1}/{len(states)}" if ctx.progress else None
-                feats = self.features(model, pool_enc, tok, names, proj, moments, ctx, meter,
-                                      desc)
-                total += w * (feats @ centroids)
-                meter.add(2.0 * feats.size * centroids.shape[1])
+            tmp = root / f"warmup.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            res = train(self.warmup_subset(pool), self.warmup_config(), model=model,
+                        tokenizer=tok, runtime=ctx.runtime, ledger=ledger, out=tmp,
+                        progress="less: warmup" if ctx.progress else None)
+            model, stage = res.model, ledger.stages[0]
+            meter.add(stage.analytic_flops, stage.paper_flops)
+            shutil.rmtree(root / "warmup", ignore_errors=True)
+            tmp.rename(root / "warmup")
+            warm = {"checkpoints": [c.name for c in res.checkpoints],
+                    "flops": stage.analytic_flops, "paper_flops": stage.paper_flops}
+            write_json(warm_meta, warm)
+        ckpts = [root / "warmup" / c for c in warm["checkpoints"]]
+        meter.params = param_counts(model)
+        names = lora_names(model)
+        proj = RademacherProjection(meter.params["lora"], p.proj_dim, p.seed)
+        weights = np.array([read_json(c / "state.json")["mean_lr"] for c in ckpts])
+        weights = weights / weights.sum()
+        pool_enc = None
+        val_enc = encode(target.val, tok, p.max_len)
+        groups = target.val_by_subtask()
+        total = np.zeros((len(pool), len(groups)))
+        for c, (ckpt, w) in enumerate(zip(ckpts, weights, strict=True)):
+            load_lora(model, ckpt)
+            val = self.features(model, val_enc, tok, names, proj, None, ctx, meter)
+            centroids = np.stack([val[idx].mean(axis=0) for idx in groups.values()], 1)
+            path = root / f"pool-{c}.npy"
+            if path.exists() and (root / f"pool-{c}.json").exists():
+                feats = np.load(path, mmap_mode="r")
+                cost = read_json(root / f"pool-{c}.json")
+                reused += cost["flops"]
+                meter.add(cost["flops"], cost["paper_flops"])
+            else:
+                pool_enc = pool_enc or encode(pool, tok, p.max_len)
+                before = (meter.stage.analytic_flops, meter.stage.paper_flops)
+                desc = f"less: checkpoint {c + 1}/{len(ckpts)}" if ctx.progress else None
+                feats = self.features(model, pool_enc, tok, names, proj,
+                                      load_moments(ckpt, names), ctx, meter, desc)
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, feats)
+                write_json(root / f"pool-{c}.json",
+                           {"flops": meter.stage.analytic_flops - before[0],
+                            "paper_flops": meter.stage.paper_flops - before[1]})
+            total += w * (np.asarray(feats) @ centroids)
+            meter.add(2.0 * feats.shape[0] * feats.shape[1] * centroids.shape[1])
+        meter.stage.detail["reused_flops"] = reused
         return aggregate_subtasks({n: total[:, i] for i, n in enumerate(groups)}, p.reduce)
 
     def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,

@@ -21,6 +21,7 @@ from .base import Method, Params
 
 
 class PPLParams(Params):
+    execution = frozenset({"batch_tokens"})
     model: str = "smollm2-135m"
     variant: str = "mid"  # low | mid | high | least_confidence
     train_on_val: bool = False
