@@ -65,3 +65,26 @@ def test_nll_is_per_example_mean(tiny):
     r = evaluate(model, tok, Target("t", test, test), EvalConfig(), runtime=pick_runtime(),
                  progress=None)
     assert r["nll"] != pytest.approx(r["nll_token"])  # example- vs token-weighted differ
+
+
+def test_one_token_options_take_one_forward_per_question(smollm2, monkeypatch):
+    """MMLU-style letter answers: the shared-prompt path equals scoring every option."""
+    import ccds.evaluate as ev
+
+    model, tok, _ = smollm2
+    qs = [("2 + 2 = ?", "4", "5", "C"), ("Capital of Italy?", "Rome", "Oslo", "A"),
+          ("Colour of grass?", "Green", "Pink", "B")]
+    test = [Example(f"q{i}", f"{q}\nA. {a}\nB. {b}\nC. none\nAnswer with the letter.", gold,
+                    choices=["A", "B", "C"]) for i, (q, a, b, gold) in enumerate(qs)]
+    target = Target("letters", test[:1], test, metric="mc")
+    rt = pick_runtime()
+    ledger = Ledger()
+    fast = evaluate(model, tok, target, EvalConfig(), runtime=rt, ledger=ledger, progress=None)
+    st = ledger.stages[0]
+    assert st.tokens == sum(len(x) for x in ev.encode_pairs(
+        [e.prompt for e in test], [e.response for e in test], tok).ids)  # one row per question
+    assert abs(st.analytic_flops / st.measured_flops - 1) < 0.1
+    monkeypatch.setattr(ev, "_one_token_options", lambda *a: None)
+    slow = evaluate(model, tok, target, EvalConfig(), runtime=rt, progress=None)
+    assert fast["accuracy"] == slow["accuracy"]
+    assert fast["nll"] == pytest.approx(slow["nll"], rel=1e-4)

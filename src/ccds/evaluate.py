@@ -17,10 +17,10 @@ from pydantic import BaseModel, Field
 
 from .data.types import Example, Target
 from .flops import Ledger, Meter
-from .lm import score_sequences
+from .lm import option_logprobs, plain_head, score_sequences
 from .models import Runtime, param_counts
 from .progress import bar
-from .tokenize import Formatter, encode_pairs, length_batches
+from .tokenize import Encoded, Formatter, encode_pairs, length_batches
 
 
 class EvalConfig(BaseModel):
@@ -56,11 +56,21 @@ def evaluate(model, tokenizer, target: Target, cfg: EvalConfig | None = None, *,
                 responses.append(r)
                 owner.append(i)
         enc = encode_pairs(prompts, responses, tokenizer, cfg.max_len, shots=shots)
-        s = score_sequences(model, enc, tokenizer.pad_token_id, runtime,
-                            max_tokens=cfg.batch_tokens, progress=progress and f"{progress} "
-                            f"{target.name}", meter=meter)
-        nll, count = s["nll_sum"], np.maximum(s["n_tokens"], 1)
         owner_a = np.asarray(owner)
+        desc = progress and f"{progress} {target.name}"
+        one_token = _one_token_options(enc, owner_a, test) if plain_head(model) else None
+        if one_token is not None:  # the prompt is shared: one forward per question
+            first, cands = one_token
+            sub = Encoded([enc.ids[r] for r in first], enc.n_prompt[first], enc.n_suffix[first])
+            lps = option_logprobs(model, sub, cands, tokenizer.pad_token_id, runtime,
+                                  max_tokens=cfg.batch_tokens, progress=desc, meter=meter)
+            nll, count = np.zeros(len(owner)), np.ones(len(owner))
+            for i, lp in enumerate(lps):
+                nll[first[i]:first[i] + len(lp)] = -lp
+        else:
+            s = score_sequences(model, enc, tokenizer.pad_token_id, runtime,
+                                max_tokens=cfg.batch_tokens, progress=desc, meter=meter)
+            nll, count = s["nll_sum"], np.maximum(s["n_tokens"], 1)
         gold_nll, gold_tok, correct, n_mc = [], [], 0, 0
         for i, e in enumerate(test):
             rows = np.flatnonzero(owner_a == i)
@@ -101,6 +111,28 @@ def evaluate(model, tokenizer, target: Target, cfg: EvalConfig | None = None, *,
     out["flops"] = sum(st.analytic_flops for st in stages)
     out["wall_s"] = sum(st.wall_s for st in stages)
     return out
+
+
+def _one_token_options(enc: Encoded, owner: np.ndarray, test: Sequence[Example]
+                       ) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """When every example is multiple choice and its options' encodings differ only in one
+    scored token: each example's first row and its options' token ids; else None."""
+    first, cands = [], []
+    starts = np.searchsorted(owner, np.arange(len(test)))
+    for i, e in enumerate(test):
+        rows = np.arange(starts[i], starts[i] + len(e.choices or [0]))
+        if not e.choices or np.any(enc.response_lengths[rows] - enc.n_suffix[rows] != 1):
+            return None
+        ref = enc.ids[rows[0]]
+        pos = len(ref) - int(enc.n_suffix[rows[0]]) - 1
+        for r in rows[1:]:
+            x = enc.ids[r]
+            if len(x) != len(ref) or not (np.array_equal(x[:pos], ref[:pos])
+                                          and np.array_equal(x[pos + 1:], ref[pos + 1:])):
+                return None
+        first.append(rows[0])
+        cands.append(np.array([enc.ids[r][pos] for r in rows]))
+    return np.array(first, dtype=np.int64), cands
 
 
 @torch.no_grad()

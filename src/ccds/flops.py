@@ -214,26 +214,30 @@ class Meter:
         self.stage.tokens = self.work.tokens
         self.stage.padded_tokens = self.work.padded_tokens
 
-    def _record(self, batch, suffix: bool) -> Work:
+    def _record(self, batch, suffix: bool, head: bool = True) -> Work:
         lengths = batch.attention_mask.sum(1).tolist()
         heads = int(batch.n_response.sum()) - (0 if suffix else int(batch.n_suffix.sum()))
+        heads *= head
         w = Work()
         w.add(lengths, heads, int(batch.attention_mask.numel()))
         self.work.add(lengths, w.head_tokens, w.padded_tokens)
         return w
 
-    def forward(self, batch, suffix: bool = False) -> None:
-        """A no-grad pass scoring the response (its end-of-turn suffix too if `suffix`)."""
+    def forward(self, batch, suffix: bool = False, head: bool = True) -> None:
+        """A no-grad pass scoring the response (its end-of-turn suffix too if `suffix`);
+        `head=False`: hidden states only, no LM head."""
         assert self.params is not None
-        w = self._record(batch, suffix)
+        w = self._record(batch, suffix, head)
         self.stage.analytic_flops += forward_flops(self.params, w)
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=False)
 
-    def lora_step(self, batch) -> None:
-        """Forward and backward of a LoRA training step (loss on response and suffix)."""
+    def lora_step(self, batch, full: bool = False) -> None:
+        """Forward and backward of a training step (loss on response and suffix): LoRA, or
+        every weight trained if `full`."""
         assert self.params is not None
         w = self._record(batch, suffix=True)
-        self.stage.analytic_flops += lora_step_flops(self.params, w)
+        self.stage.analytic_flops += (full_step_flops if full else lora_step_flops)(
+            self.params, w)
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=True)
 
     def generation(self, prompt_lens, new_lens) -> None:

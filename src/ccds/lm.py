@@ -35,13 +35,9 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
     mask = cols[None, :] >= (k - batch.n_response)[:, None]
     if not suffix:
         mask &= cols[None, :] < (k - batch.n_suffix)[:, None]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "get_decoder") and not any(getattr(base.config, a, None)
-                                                 for a in _HEAD_EXTRAS):
-        hidden = base.get_decoder()(input_ids=batch.input_ids,
-                                    attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids,
-                                    use_cache=False).last_hidden_state
+    base = plain_head(model)
+    if base is not None:
+        hidden = _decoder_states(base, batch)
         logits = base.get_output_embeddings()(hidden[:, width - k - 1:width - 1][mask])
     else:  # the model's own forward, logits at the k positions before the last token
         keep = torch.arange(width - k - 1, width - 1, device=batch.input_ids.device)
@@ -51,6 +47,21 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
     lp = torch.zeros(mask.shape, dtype=torch.float32, device=targets.device)
     lp[mask] = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
     return lp, mask
+
+
+def plain_head(model):
+    """The underlying model if its LM head is a plain projection of the decoder's states
+    (so the head can be applied to chosen positions only), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "get_decoder") and not any(getattr(base.config, a, None)
+                                                 for a in _HEAD_EXTRAS):
+        return base
+    return None
+
+
+def _decoder_states(base, batch: Batch) -> torch.Tensor:
+    return base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
 
 
 def response_nll(model, batch: Batch, suffix: bool = False
@@ -84,3 +95,51 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
         if meter is not None:
             meter.forward(batch, suffix=False)
     return {"nll_sum": nll, "prob_sum": prob, "n_tokens": count}
+
+
+@torch.no_grad()
+def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *, max_tokens: int = 4096,
+                progress: str | None = None, meter=None) -> np.ndarray:
+    """[N, d] float32: the decoder's last hidden state averaged over each sequence's real
+    tokens (no LM head), in input order — a model's own embedding of an example."""
+    from .progress import track
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = np.zeros((len(enc), base.config.hidden_size), dtype=np.float32)
+    model.eval()
+    for index in track(length_batches(enc.lengths, max_tokens), progress):
+        batch = collate(enc, index, pad_id).to(runtime.device)
+        with runtime.amp():
+            h = _decoder_states(base, batch)
+        m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
+        out[index] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy()
+        if meter is not None:
+            meter.forward(batch, head=False)
+    return out
+
+
+@torch.no_grad()
+def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: int,
+                    runtime: Runtime, *, max_tokens: int = 4096, progress: str | None = None,
+                    meter=None) -> list[np.ndarray]:
+    """For rows that score exactly one response token: the log-probability of each candidate
+    token at that position. Multiple choice with one-token options (MMLU's letters) then
+    costs one forward per question instead of one per option. Needs a plain LM head."""
+    from .progress import track
+
+    base = plain_head(model)
+    assert base is not None, "option_logprobs needs a plain LM head"
+    out: list[np.ndarray] = [np.zeros(0)] * len(enc)
+    model.eval()
+    for index in track(length_batches(enc.lengths, max_tokens), progress):
+        batch = collate(enc, index, pad_id).to(runtime.device)
+        with runtime.amp():
+            hidden = _decoder_states(base, batch)
+            col = hidden.shape[1] - 2 - batch.n_suffix  # predicts the one scored token
+            h = hidden[torch.arange(len(index), device=hidden.device), col]
+            logp = F.log_softmax(base.get_output_embeddings()(h).float(), dim=-1).cpu()
+        for b, i in enumerate(index):
+            out[i] = logp[b, torch.as_tensor(candidates[i])].double().numpy()
+        if meter is not None:
+            meter.forward(batch, suffix=False)
+    return out

@@ -37,6 +37,7 @@ class TrainConfig(BaseModel):
     """LoRA fine-tuning settings. Defaults suit SmolLM2-135M on a few thousand examples."""
 
     model: str = "smollm2-135m"
+    lora: bool = Field(True, description="LoRA adapters; False trains every weight")
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
@@ -53,6 +54,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = 1.0
     max_len: int = Field(512, ge=8)
     checkpoints: int = Field(0, ge=0, description="evenly spaced checkpoints to save")
+    save_optimizer: bool = Field(True, description="AdamW moments in checkpoints (LESS)")
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -138,8 +140,10 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
         rt = Runtime(acc.device, rt.autocast)
     if model is None:
         model, tokenizer, _ = load_causal_lm(cfg.model)
-    if not hasattr(model, "peft_config"):
+    if cfg.lora and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
+    if not cfg.lora:
+        model.requires_grad_(True)
     model.to(rt.device)
     enc = encode(examples, tokenizer, cfg.max_len)
     steps = plan_steps(enc, cfg)
@@ -183,7 +187,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                         acc.backward(loss * weight)
                 if mine:
                     total += loss.item()
-                    meter.lora_step(batch)
+                    meter.lora_step(batch, full=not cfg.lora)
                     result.tokens += batch.real_tokens
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -199,7 +203,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                 lr_mean = float(np.mean(result.lrs[last_ckpt:step]))
                 if main:
                     result.checkpoints.append(save_checkpoint(
-                        Path(out) / f"checkpoint-{step:06d}", plain, opt, named,
+                        Path(out) / f"checkpoint-{step:06d}", plain,
+                        opt if cfg.save_optimizer else None, named,
                         {"step": step, "epoch": step / len(steps) * cfg.epochs,
                          "mean_lr": lr_mean}))
                 last_ckpt = step
@@ -244,20 +249,21 @@ def save_adapter(path: Path, model) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
 
 
-def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer,
+def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer | None,
                     named: list[tuple[str, torch.nn.Parameter]], state: dict) -> Path:
     """Adapter + AdamW moments (exp_avg, exp_avg_sq by parameter name) + JSON state."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     for name, p in named:
-        s = opt.state.get(p, {})
+        s = opt.state.get(p, {}) if opt is not None else {}
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s:
                 tensors[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if opt is not None:
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     return path
 

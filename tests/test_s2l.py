@@ -1,0 +1,125 @@
+"""S2L: balanced sampling, trajectories, clustering, and the reference-model baselines."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ccds.score import get_method, run
+from ccds.score.facility import lazy_greedy, plain_greedy
+from ccds.score.s2l import balanced_order, balanced_sample, kmeans
+
+
+def test_balanced_sample_takes_small_clusters_whole_and_splits_the_rest():
+    labels = np.array([0] * 2 + [1] * 3 + [2] * 10 + [3] * 10)
+    got = balanced_sample(labels, 13, seed=0)
+    counts = np.bincount(labels[got], minlength=4)
+    # visit 0 (2 ≤ 13/4: whole), 1 (3 ≤ 11/3: whole), 2 takes floor(8/2) = 4, 3 takes 4
+    assert counts.tolist() == [2, 3, 4, 4]
+    assert len(got) == 13 and len(set(got.tolist())) == 13
+    assert np.array_equal(got, balanced_sample(labels, 13, seed=0))  # deterministic
+    assert not np.array_equal(got, balanced_sample(labels, 13, seed=1))
+
+
+def test_balanced_sample_floors_and_carries_the_remainder_to_larger_clusters():
+    labels = np.repeat(np.arange(4), 3)
+    assert np.bincount(labels[balanced_sample(labels, 6, 0)]).tolist() == [1, 1, 2, 2]
+    labels = np.array([0] * 5 + [1] * 5 + [2])  # cluster 2 is the smallest: visited first
+    assert np.bincount(labels[balanced_sample(labels, 6, 0)]).tolist() == [2, 3, 1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=60), st.integers(0, 3))
+def test_every_prefix_of_the_order_is_the_balanced_sample(labels, seed):
+    labels = np.array(labels)
+    order = balanced_order(labels, seed)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    for budget in range(len(labels) + 1):
+        assert np.array_equal(np.sort(order[:budget]), balanced_sample(labels, budget, seed))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+def test_kmeans_is_seeded_and_finds_separated_groups(backend):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 10, (5, 12))
+    x = np.concatenate([c + rng.normal(0, 0.1, (40, 12)) for c in centers])
+    a = kmeans(x, 5, seed=3, backend=backend)
+    assert np.array_equal(a, kmeans(x, 5, seed=3, backend=backend))
+    for g in range(5):  # every true group is one cluster
+        assert len(set(a[g * 40:(g + 1) * 40].tolist())) == 1
+    assert len(set(a.tolist())) == 5
+    assert len(set(kmeans(x[:3], 5, seed=0, backend=backend).tolist())) <= 3
+
+
+def test_lazy_greedy_matches_plain_greedy():
+    e = np.random.default_rng(1).normal(size=(300, 16))
+    order, evals = lazy_greedy(e, 40)
+    assert np.array_equal(order, plain_greedy(e, 40))
+    assert evals < 40 * 300 / 4  # lazy: far fewer gain evaluations than plain greedy
+
+
+PROXY = {"proxy_hidden": 32, "proxy_layers": 1, "proxy_heads": 2, "checkpoints": 4,
+         "proxy_epochs": 2, "proxy_lr": 3e-3}
+
+
+@pytest.fixture()
+def synth_pool(tmp_path, monkeypatch):
+    from ccds.data.synth import generate
+
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "cache"))
+    pool, _ = generate(seed=0, n_pool=160, n_val=4, n_test=4)
+    return pool
+
+
+def test_trajectories_match_one_example_at_a_time(synth_pool, tiny_model_dir):
+    import torch
+
+    from ccds.lm import response_nll
+    from ccds.score import Context
+    from ccds.score.proxy import ProxyParams, _checkpoint, _trained, trajectories
+    from ccds.tokenize import collate, encode
+
+    p = ProxyParams(tokenizer=str(tiny_model_dir), **PROXY)
+    ctx = Context(progress=False)
+    traj = trajectories(p, synth_pool, ctx)
+    assert traj.loss.shape == (160, 4) and np.isfinite(traj.loss).all()
+    assert np.all(np.diff(traj.epochs) > 0) and traj.epochs[-1] == pytest.approx(2)
+    assert traj.loss[:, -1].mean() < traj.loss[:, 0].mean()  # the proxy learned something
+    root, model, tok, info = _trained(p, synth_pool, ctx)
+    enc = encode(synth_pool, tok, p.max_len)
+    for c in (0, 3):  # the checkpoints kept after the trajectories are filled
+        _checkpoint(root, info, model, c, lora=False)
+        for i in (0, 7, 101):
+            with torch.no_grad():
+                nll, n = response_nll(model, collate(enc, np.array([i]), tok.pad_token_id))
+            assert traj.loss[i, c] == pytest.approx(float(nll[0] / n[0]), rel=1e-4)
+    again = trajectories(p, synth_pool, ctx)  # from the cache: same numbers, flagged
+    assert again.reused and np.array_equal(again.loss, traj.loss)
+
+
+@pytest.mark.parametrize("name", ["s2l", "learnability", "least_confidence", "mid_ppl",
+                                  "facility_location"])
+def test_reference_methods_end_to_end(name, synth_pool, tiny_model_dir):
+    params = {"tokenizer": str(tiny_model_dir), **PROXY}
+    if name == "s2l":
+        params["k"] = 8
+    m = get_method(name, **params)
+    s = run(m, synth_pool, None, cache=None)
+    assert s.values.shape == (160,) and np.isfinite(s.values).all()
+    assert s.stage.analytic_flops == pytest.approx(m.cost(synth_pool, None), rel=0.1)
+    assert s.stage.measured_flops == pytest.approx(s.stage.analytic_flops, rel=0.1)
+    again = run(get_method(name, **params), synth_pool, None, cache=None)
+    assert np.array_equal(again.values, s.values)  # deterministic (second run from cache)
+
+
+def test_s2l_samples_clusters_evenly(synth_pool, tiny_model_dir):
+    from ccds.score import Context
+    from ccds.score.proxy import ProxyParams, trajectories
+    from ccds.select import select
+
+    m = get_method("s2l", tokenizer=str(tiny_model_dir), k=8, **PROXY)
+    idx = select(run(m, synth_pool, None, cache=None).values, count=40)
+    traj = trajectories(ProxyParams(tokenizer=str(tiny_model_dir), **PROXY), synth_pool,
+                        Context(progress=False))
+    labels = kmeans(traj.loss, 8, seed=0, iters=m.params.kmeans_iters)
+    assert np.array_equal(np.sort(idx), balanced_sample(labels, 40, seed=0))
