@@ -123,3 +123,45 @@ def test_s2l_samples_clusters_evenly(synth_pool, tiny_model_dir):
                         Context(progress=False))
     labels = kmeans(traj.loss, 8, seed=0, iters=m.params.kmeans_iters)
     assert np.array_equal(np.sort(idx), balanced_sample(labels, 40, seed=0))
+
+
+def test_curriculum_is_random_subset_in_easy_to_hard_order(synth_pool, tiny_model_dir):
+    from ccds.score import Context
+    from ccds.score.proxy import ProxyParams, trajectories
+    from ccds.select import select
+
+    m = get_method("curriculum", tokenizer=str(tiny_model_dir), **PROXY)
+    assert m.order == "given"
+    idx = select(run(m, synth_pool, None, cache=None).values, count=30)
+    rand = select(run(get_method("random"), synth_pool, None, cache=None).values, count=30)
+    assert np.array_equal(np.sort(idx), np.sort(rand))  # the same subset as random
+    ordered = m.train_order(synth_pool, idx, Context(progress=False))
+    conf = trajectories(ProxyParams(tokenizer=str(tiny_model_dir), **PROXY), synth_pool,
+                        Context(progress=False)).confidence[:, -1]
+    assert np.all(np.diff(conf[ordered]) <= 0)
+
+
+def test_trainer_keeps_a_given_order():
+    from ccds.tokenize import ordered_batches
+
+    lengths = np.array([5, 9, 3, 3, 8, 2])
+    batches = ordered_batches(lengths, max_tokens=18, max_batch=3)
+    assert np.array_equal(np.concatenate(batches), np.arange(6))
+    assert all(lengths[b].max() * len(b) <= 18 for b in batches)
+
+
+def test_s2l_and_curriculum_from_the_cli(synth_pool, tiny_model_dir, tmp_path):
+    from test_cli import ccds
+
+    from ccds.data.formats import write_examples
+
+    write_examples(synth_pool, tmp_path / "pool.jsonl")
+    proxy = [x for k, v in {"tokenizer": str(tiny_model_dir), **PROXY}.items()
+             for x in ("--param", f"{k}={v}")]
+    r = ccds("select", "--pool", tmp_path / "pool.jsonl", "--method", "s2l", "--param", "k=6",
+             *proxy, "--fraction", "0.25", "--out", tmp_path / "s2l.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "s2l.jsonl").read_text().splitlines()) == 40
+    r = ccds("select", "--pool", tmp_path / "pool.jsonl", "--method", "curriculum", *proxy,
+             "--count", "20", "--out", tmp_path / "cur.jsonl")
+    assert r.returncode == 0 and "--order given" in r.stdout, r.stderr

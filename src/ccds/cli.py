@@ -158,7 +158,7 @@ def _score(pool: str, method: str, target: str | None, param: list[str] | None, 
     examples = _load_pool(pool)
     m = get_method(method, **{"seed": seed, **_params(param)})
     tgt = _load_target(target) if target else None
-    return examples, run(m, examples, tgt)
+    return examples, run(m, examples, tgt), m
 
 
 @app.command("score")
@@ -170,7 +170,7 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or 
     """Score every pool example (higher = select first); write id, score to Parquet."""
     from .score.base import write_scores
 
-    examples, scores = _score(pool, method, target, param, seed)
+    examples, scores, _ = _score(pool, method, target, param, seed)
     write_scores(out, scores)
     st = scores.stage
     typer.echo(f"{method}: scored {len(examples)} examples -> {out} ({st.analytic_flops:.3e} "
@@ -201,6 +201,7 @@ def select_cmd(
         raise CcdsError("give exactly one of --fraction, --count or --tokens")
     if fraction is not None and not 0 < fraction <= 1:
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
+    m = None
     if scores is not None:
         examples = _load_pool(pool)
         sc = read_scores(scores)
@@ -208,7 +209,7 @@ def select_cmd(
             raise CcdsError("scores file does not match the pool (ids differ or unreadable)",
                             str(scores), "re-run ccds score on this pool")
     else:
-        examples, sc = _score(pool, method, target, param, seed)
+        examples, sc, m = _score(pool, method, target, param, seed)
     lengths = None
     if tokens is not None:
         from .models import load_causal_lm
@@ -217,10 +218,16 @@ def select_cmd(
         _, tok, _ = load_causal_lm(model)
         lengths = encode(examples, tok).lengths
     idx = select(sc.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths)
+    if m is not None and m.order == "given":
+        from .score import Context
+
+        idx = m.train_order(examples, idx, Context())
     write_examples([examples[i] for i in idx], out, fmt)
     typer.echo(f"{sc.method}: selected {len(idx)} of {len(examples)} -> {out} "
                f"(selection {sc.stage.analytic_flops:.3e} FLOPs, "
                f"{sc.stage.wall_s:.1f} s{', cached' if sc.cached else ''})")
+    if m is not None and m.order == "given":
+        typer.echo("the subset is written in curriculum order: train with --order given")
 
 
 @app.command("cost")
@@ -283,6 +290,7 @@ def train_cmd(
         lora_r: Annotated[int | None, Opt()] = None,
         grad_accum: Annotated[int | None, Opt()] = None,
         checkpoints: Annotated[int | None, Opt(help="evenly spaced checkpoints to keep")] = None,
+        order: Annotated[str | None, Opt(help="shuffle, or given (a curriculum's order)")] = None,
         seed: Annotated[int | None, Opt()] = None,
         dtype: Annotated[str | None, Opt(help="auto, fp32, bf16, fp16")] = None):
     """LoRA-fine-tune a model on a subset; writes the adapter and a FLOPs ledger."""
@@ -292,7 +300,8 @@ def train_cmd(
 
     cfg = _config(TrainConfig, config, dict(model=model, epochs=epochs, max_tokens=max_tokens,
                                             lr=lr, lora_r=lora_r, grad_accum=grad_accum,
-                                            checkpoints=checkpoints, seed=seed, dtype=dtype))
+                                            checkpoints=checkpoints, order=order, seed=seed,
+                                            dtype=dtype))
     examples = _load_pool(data)
     ledger = Ledger()
     r = train(examples, cfg, out=out, ledger=ledger)

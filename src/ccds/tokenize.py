@@ -183,6 +183,24 @@ def length_batches(lengths: np.ndarray, max_tokens: int, max_batch: int = 64,
     return batches
 
 
+def ordered_batches(lengths: np.ndarray, max_tokens: int, max_batch: int = 64
+                    ) -> list[np.ndarray]:
+    """Consecutive rows, in the given order, with batch·max_len ≤ max_tokens: for a
+    curriculum, where the order is the point and padding is the price."""
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(lengths):
+        end, longest = start + 1, max(int(lengths[start]), 1)
+        while end < len(lengths) and end - start < max_batch:
+            longest2 = max(longest, int(lengths[end]))
+            if longest2 * (end - start + 1) > max_tokens:
+                break
+            longest, end = longest2, end + 1
+        batches.append(np.arange(start, end))
+        start = end
+    return batches
+
+
 @dataclass
 class Batch:
     """A left-padded batch: every row ends at the last column."""

@@ -30,7 +30,7 @@ from .io import atomic_dir, write_json
 from .lm import response_nll
 from .models import Runtime, load_causal_lm, param_counts, pick_runtime
 from .progress import bar
-from .tokenize import Encoded, collate, encode, length_batches
+from .tokenize import Encoded, collate, encode, length_batches, ordered_batches
 
 
 class TrainConfig(BaseModel):
@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float | None = 1.0
     max_len: int = Field(512, ge=8)
+    order: Literal["shuffle", "given"] = Field(
+        "shuffle", description="'given': keep the examples' order (a curriculum)")
     checkpoints: int = Field(0, ge=0, description="evenly spaced checkpoints to save")
     save_optimizer: bool = Field(True, description="AdamW moments in checkpoints (LESS)")
     seed: int = 0
@@ -93,7 +95,9 @@ def plan_steps(enc: Encoded, cfg: TrainConfig) -> list[list[np.ndarray]]:
     steps: list[list[np.ndarray]] = []
     tokens = 0
     for epoch in range(math.ceil(cfg.epochs)):
-        batches = length_batches(lengths, cfg.batch_tokens, cfg.max_batch, cfg.seed + epoch)
+        batches = (ordered_batches(lengths, cfg.batch_tokens, cfg.max_batch)
+                   if cfg.order == "given" else
+                   length_batches(lengths, cfg.batch_tokens, cfg.max_batch, cfg.seed + epoch))
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         if epoch + 1 > cfg.epochs:  # fractional last epoch
             groups = groups[: max(1, int(len(groups) * (cfg.epochs - epoch)))]

@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registers)
     bm25,
     cascade,
     confidence,
+    curriculum,
     embed,
     facility,
     learnability,

@@ -76,6 +76,14 @@ class Method(ABC):
         """Identity of the scorer beyond its parameters (e.g. a model's content hash)."""
         return ""
 
+    #: "given": train on the subset in the order `train_order` returns (a curriculum)
+    order = "shuffle"
+
+    def train_order(self, pool: Sequence[Example], subset: np.ndarray, ctx: Context
+                    ) -> np.ndarray:
+        """The selected indices in the order training should see them (if order="given")."""
+        return subset
+
     def key(self, pool: Sequence[Example], target: Target | None) -> str:
         h = hashlib.sha256()
         p = self.params.model_dump_json(exclude=set(self.params.execution))
