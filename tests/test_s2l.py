@@ -165,3 +165,30 @@ def test_s2l_and_curriculum_from_the_cli(synth_pool, tiny_model_dir, tmp_path):
     r = ccds("select", "--pool", tmp_path / "pool.jsonl", "--method", "curriculum", *proxy,
              "--count", "20", "--out", tmp_path / "cur.jsonl")
     assert r.returncode == 0 and "--order given" in r.stdout, r.stderr
+
+
+def test_composition_and_purity(tmp_path):
+    from test_cli import ccds
+
+    from ccds import Example
+    from ccds.analyse.composition import cluster_purity, composition, group
+    from ccds.data.formats import write_examples
+
+    assert group("bigbench/arithmetic/3_digit") == "bigbench"
+    assert group("bigbench/arithmetic/3_digit", 2) == "bigbench/arithmetic"
+    pool = [Example(f"e{i}", "p", "r", source=["gsm8k", "alpaca", "bigbench/x"][i % 3])
+            for i in range(30)]
+    sub = [e for e in pool if e.source == "gsm8k"][:5] + [pool[1]]
+    comp = composition(pool, {"mine": sub})
+    assert comp["pool"]["gsm8k"] == pytest.approx(1 / 3)
+    assert comp["subsets"]["mine"]["gsm8k"] == pytest.approx(5 / 6)
+    assert comp["subsets"]["mine"]["bigbench"] == 0
+    labels = np.arange(30) % 3
+    assert cluster_purity(labels, [e.source for e in pool]) == 1.0
+    assert cluster_purity(np.zeros(30), [e.source for e in pool]) == pytest.approx(1 / 3)
+    write_examples(pool, tmp_path / "pool.jsonl")
+    write_examples(sub, tmp_path / "sub.jsonl")
+    r = ccds("data", "compare", "--pool", tmp_path / "pool.jsonl", "--subset",
+             f"mine={tmp_path / 'sub.jsonl'}", "--out", tmp_path / "comp.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "comp.png").stat().st_size > 1000 and "83.3%" in r.stdout

@@ -152,6 +152,34 @@ MethodOpt = Annotated[str, Opt(help="selection method: random, bm25, embed, ppl,
 ParamOpt = Annotated[list[str] | None, Opt(help="method parameter name=value (repeatable)")]
 
 
+@data_app.command("compare")
+def data_compare(
+        pool: Annotated[str, Opt(help="the pool the subsets came from")],
+        subset: Annotated[list[str], Opt(help="NAME=PATH of a selected subset (repeatable)")],
+        out: Annotated[Path, Opt(help="figure (.png/.svg); a .json with the numbers beside it")],
+        depth: Annotated[int, Opt(help="source levels: 1 = dataset, 2 = task")] = 1,
+        top: Annotated[int, Opt(help="groups shown; the rest are 'other'")] = 12):
+    """Source composition of selected subsets against the pool (a table and a plot)."""
+    from .analyse.composition import composition, plot_composition
+    from .io import write_json
+
+    subsets = {}
+    for item in subset:
+        name, eq, path = item.partition("=")
+        if not eq:
+            name, path = Path(item).stem, item
+        subsets[name] = _load_pool(path)
+    comp = composition(_load_pool(pool), subsets, depth, top)
+    plot_composition(comp, out)
+    write_json(out.with_suffix(".json"), comp)
+    names = ["pool", *subsets]
+    typer.echo("group".ljust(40) + "".join(n[:12].rjust(13) for n in names))
+    for g in comp["groups"]:
+        row = [comp["pool"][g], *(comp["subsets"][n][g] for n in subsets)]
+        typer.echo(g[:39].ljust(40) + "".join(f"{100 * v:12.1f}%" for v in row))
+    typer.echo(f"plot -> {out}")
+
+
 def _score(pool: str, method: str, target: str | None, param: list[str] | None, seed: int):
     from .score import get_method, run
 

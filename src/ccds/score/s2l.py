@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from ..analyse.composition import cluster_purity
 from . import proxy
 from .base import Method
 
@@ -55,6 +56,9 @@ class S2L(Method):
         meter.add(kmeans_flops(int(ok.sum()), p.k, traj.loss.shape[1], p.kmeans_iters))
         meter.stage.detail["clusters"] = int(len(np.unique(labels[ok])))
         meter.stage.detail["no_response"] = int((~ok).sum())
+        sources = [pool[i].source for i in np.flatnonzero(ok)]
+        meter.stage.detail["purity"] = {f"depth{d}": cluster_purity(labels[ok], sources, d)
+                                        for d in (1, 2)}
         order = balanced_order(labels[ok], p.seed)
         scores = np.full(len(pool), -np.inf)
         scores[np.flatnonzero(ok)[order]] = -np.arange(len(order), dtype=np.float64)

@@ -1,0 +1,1 @@
+"""Analysis of selections and runs: what a subset is made of, and (later) fits and plans."""
