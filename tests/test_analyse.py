@@ -1,0 +1,109 @@
+"""Fits, frontier, break-even and overlap checked against known answers and the paper."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from ccds.analyse.fit import curve, fit_methods
+from ccds.analyse.frontier import (
+    Point,
+    break_even,
+    empirical_frontier,
+    fitted_frontier,
+    frontier_at,
+    group,
+    joins_frontier,
+    overlap,
+)
+from ccds.errors import CcdsError
+
+
+def test_fit_recovers_known_parameters_from_noisy_points():
+    rng = np.random.default_rng(0)
+    c_full = 1e18
+    true = {"a": (60.0, 40.0, 2.0), "b": (60.0, 40.0, 6.0)}
+    pts = {}
+    for m, (pbar, p0, lam) in true.items():
+        c = np.geomspace(0.02, 2, 12) * c_full
+        pts[m] = (c, curve(c, pbar, p0, lam, c_full) + rng.normal(0, 0.2, len(c)))
+    for share in ("none", "pbar", "pbar_p0"):
+        fits = fit_methods(pts, c_full, share=share, bootstrap=100)
+        for m, (pbar, p0, lam) in true.items():
+            f = fits[m]
+            assert f.lam == pytest.approx(lam, rel=0.15), (share, m)
+            assert f.p0 == pytest.approx(p0, abs=1.0) and f.pbar == pytest.approx(pbar, abs=1.0)
+            assert f.r2 > 0.98
+            lo, hi = f.intervals["lam"]
+            assert lo <= lam <= hi  # the bootstrap interval covers the truth
+    fixed = fit_methods(pts, c_full, pbar=60.0, bootstrap=0)
+    assert fixed["a"].pbar == 60.0 and "pbar (fixed)" in fixed["a"].shared
+    unbounded = fit_methods(pts, c_full, bounded=False, bootstrap=0)
+    assert unbounded["b"].lam == pytest.approx(6.0, rel=0.15)
+
+
+def test_too_few_points_is_a_clear_error():
+    with pytest.raises(CcdsError, match="needs at least 3"):
+        fit_methods({"a": (np.array([1.0, 2.0]), np.array([1.0, 2.0]))}, 1.0)
+    # sharing P̄ and P0 leaves one parameter per method
+    fits = fit_methods({"a": (np.array([1.0, 2.0, 4.0]), np.array([1.0, 1.5, 1.8])),
+                        "b": (np.array([1.0, 3.0]), np.array([1.2, 1.7]))}, 4.0,
+                       share="pbar_p0", bootstrap=0)
+    assert set(fits) == {"a", "b"}
+
+
+def test_empirical_frontier_of_a_hand_made_set_is_exact():
+    pts = [Point("r", 0.1, 0, 1, 10), Point("r", 0.5, 0, 5, 14), Point("x", 0.1, 3, 1, 12),
+           Point("x", 0.5, 3, 5, 13), Point("y", 0.1, 0.5, 1, 11), Point("r", 1.0, 0, 10, 15),
+           Point("y", 0.2, 0.5, 2, 11)]
+    fr = empirical_frontier(pts)
+    assert [(p.method, p.fraction) for p in fr] == [("r", 0.1), ("y", 0.1), ("x", 0.1),
+                                                     ("r", 0.5), ("r", 1.0)]
+    assert frontier_at(pts, 4.5).method == "x" and frontier_at(pts, 0.5) is None
+    # ignoring selection cost, x's 0.1 run comes first (the fixed-training-budget view)
+    assert empirical_frontier(pts, training_only=True)[0].method == "x"
+
+
+def test_break_even_ratio_of_a_closed_form_case():
+    """Shared P0 and fixed P̄ leave one rate per method. The cheap method's runs lie on rate
+    a. The expensive one has a single run: selection s, training t, performance that of rate b
+    after t. Moved to s/r + t its fitted rate is b·t/(s/r + t), and curves with equal P0 and
+    P̄ are ordered by rate, so it joins exactly when that exceeds a: r* = s·a / (t·(b − a))."""
+    c_full, pbar, p0, a, b, s, t = 1.0, 50.0, 40.0, 2.0, 5.0, 0.6, 0.2
+    cheap = [Point("cheap", x, 0.0, x, float(curve(x, pbar, p0, a, c_full)))
+             for x in (0.05, 0.2, 0.5, 1.0)]
+    pts = cheap + [Point("exp", t, s, t, float(curve(t, pbar, p0, b, c_full)))]
+    kw = {"share": "pbar_p0", "pbar": pbar, "tol": 0.0}
+    assert not joins_frontier(pts, "exp", c_full, **kw)
+    assert break_even(pts, "exp", c_full, **kw) == pytest.approx(s * a / (t * (b - a)),
+                                                                  rel=1e-3)
+
+
+def test_overlap_is_jaccard():
+    names, m = overlap({"a": ["1", "2", "3"], "b": ["2", "3", "4"], "c": ["9"]})
+    assert names == ["a", "b", "c"]
+    assert m[0, 1] == pytest.approx(2 / 4) and m[0, 2] == 0 and m[1, 1] == 1
+
+
+@pytest.mark.data
+def test_paper_points_reproduce_the_papers_conclusions(shared_data):
+    full = {"llama-2-7b": 4.593e18, "llama-2-13b": 8.638e18, "llama-2-70b": 4.926e19}
+    rows = list(csv.DictReader(open(shared_data / "ccds_paper" / "mmlu_points.csv")))
+    for model, c_full in full.items():
+        pts = [Point(r["method"], float(r["fraction"]),
+                     max(float(r["total_flops"]) - float(r["fraction"]) * c_full, 0.0),
+                     float(r["fraction"]) * c_full, float(r["accuracy"]))
+               for r in rows if r["model"] == model and r["view"] == "compute_constrained"]
+        on = {p.method for p in empirical_frontier(pts) if p.fraction < 1}
+        fits = fit_methods(group(pts), c_full, share="pbar", bootstrap=0)
+        _, best = fitted_frontier(fits, np.geomspace(0.03, 1, 50) * c_full)
+        if model == "llama-2-70b":  # PPL and LESS join the frontier at 70B
+            assert {"ppl", "less"} <= on
+            assert joins_frontier(pts, "ppl", c_full, share="pbar")
+            assert joins_frontier(pts, "less", c_full, share="pbar")
+        else:  # at 7B and 13B the cheap methods make the (fitted) frontier
+            if model == "llama-2-7b":
+                assert on <= {"bm25", "embed"}
+            assert not joins_frontier(pts, "less", c_full, share="pbar")
+            assert not joins_frontier(pts, "ppl", c_full, share="pbar")
+            assert set(best) <= {"bm25", "embed", "random"}
