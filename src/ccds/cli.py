@@ -304,6 +304,51 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
+def _model_size(spec: str) -> float:
+    """A parameter count: a number (7e9) or a model whose non-embedding size is read."""
+    try:
+        return float(spec)
+    except ValueError:
+        from .models import counts_without_weights
+
+        return float(counts_without_weights(spec)["non_embedding"])
+
+
+@app.command("plan")
+def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + training")],
+             train_model: Annotated[str, Opt(help="model to fine-tune: name or size (7e9)")],
+             selection_model: Annotated[str, Opt(help="model that scores: name or size")],
+             pool_tokens: Annotated[float, Opt(help="tokens in the pool")],
+             tasks: Annotated[int, Opt(help="target tasks sharing one selection")] = 1,
+             fits: Annotated[Path | None, Opt(help="fits.json from `ccds analyze`")] = None,
+             prior: Annotated[str, Opt(help="curves when no --fits: paper")] = "paper"):
+    """Recommend a method and fraction for a compute budget, with the predicted result."""
+    from .io import read_json
+    from .plan import PAPER_PRIOR, explain, from_fits, paper_prior, plan
+
+    n_train, n_sel = _model_size(train_model), _model_size(selection_model)
+    if fits is not None:
+        report = read_json(fits)
+        models, source = from_fits(report), f"fits from {fits}"
+    elif prior == "paper":
+        models, source = paper_prior(n_train), PAPER_PRIOR["source"]
+    else:
+        raise CcdsError(f"unknown prior '{prior}'", None, "use --prior paper or --fits FILE")
+    options, out = plan(budget, n_train, n_sel, pool_tokens, models, tasks)
+    typer.echo(f"budget {budget:.3g} FLOPs; training {n_train:.3g} params, selection "
+               f"{n_sel:.3g}, pool {pool_tokens:.3g} tokens, {tasks} task(s)")
+    typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
+               f"{'predicted':>11}")
+    for o in options:
+        iv = f" [{o.interval[0]:.2f}, {o.interval[1]:.2f}]" if o.interval else ""
+        typer.echo(f"{o.method:<18}{o.fraction:>9.1%}{o.selection_flops:>12.3g}"
+                   f"{o.training_flops:>12.3g}{o.total:>12.3g}{o.predicted:>11.2f}{iv}")
+    for m, why in out:
+        typer.echo(f"{m:<18}ruled out: {why}")
+    typer.echo("")
+    typer.echo(explain(options, out, budget, 6.0 * n_train * pool_tokens, tasks, source))
+
+
 # -- train / eval --------------------------------------------------------------------------
 
 @app.command("train")

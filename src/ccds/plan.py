@@ -1,0 +1,146 @@
+"""`ccds plan`: for a FLOPs budget, a trained model, a selection model and a pool, which
+method and fraction to use, and what to expect.
+
+Each method is described by a fitted curve P(x) over total compute in units of its own full
+training (x = s + f: selection share s, training fraction f) and by how its selection cost
+scales: c_sel = k · N_sel · T_pool (k = 2 for a forward pass over the pool, ≈ 10.8 for LESS).
+At the user's scale, C_full = 6 · N_train · T_pool (paper convention), the selection costs
+k · N_sel · T_pool / tasks, and the affordable fraction is f = (budget − c_sel) / C_full,
+capped at 1. The prediction is the curve at the fraction it was fitted with, x = s_fit + f —
+it assumes a method turns a training fraction into performance as it did where it was
+fitted; only the price changes. Every plan's cost is within the budget by construction.
+
+The prior (no sweep needed) is the CCDS paper's MMLU fits (spec §2, §4): rates per 1e18 FLOPs
+at Llama-2-7B, selection costs from its reference totals, P̄ per model size, P0 ≈ each
+size's accuracy after training on 2.5% of the pool at random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyse.fit import curve
+from .errors import CcdsError
+
+# Llama-2-7B, pool 270,679 examples ≈ 1.0e8 tokens: full training 4.593e18 FLOPs (6·N·T)
+_PAPER_FULL_7B = 4.593e18
+_PAPER_NT_7B = _PAPER_FULL_7B / 6  # N·T of the 7B model on that pool
+PAPER_PRIOR = {
+    "source": "Yin & Rush 2024, MMLU, Llama-2 (spec §2, §4)",
+    "sizes": {7e9: {"pbar": 47.42, "p0": 45.18}, 13e9: {"pbar": 55.50, "p0": 52.89},
+              70e9: {"pbar": 70.05, "p0": 68.75}},
+    # rate per 1e18 FLOPs of total compute at 7B; k: selection FLOPs / (N_sel · T_pool)
+    "methods": {"random": {"rate": 0.515, "k": 0.0},
+                "bm25": {"rate": 0.910, "k": 0.0},
+                "embed": {"rate": 1.316, "k": 0.0},
+                "ppl": {"rate": 1.913, "k": 1.531e18 / _PAPER_NT_7B},
+                "less": {"rate": 0.455, "k": 8.269e18 / _PAPER_NT_7B}},
+}
+
+
+@dataclass
+class MethodModel:
+    """What the planner needs about one method."""
+
+    name: str
+    pbar: float
+    p0: float
+    lam: float  # per C_full of the fit
+    s_fit: float  # selection share at the fit's scale
+    k: float  # selection FLOPs per (selection-model parameter · pool token)
+    lam_interval: tuple[float, float] | None = None
+
+    def predict(self, f: float, lam: float | None = None) -> float:
+        return float(curve(self.s_fit + f, self.pbar, self.p0,
+                           self.lam if lam is None else lam, 1.0))
+
+
+def paper_prior(n_train: float) -> list[MethodModel]:
+    size = min(PAPER_PRIOR["sizes"], key=lambda s: abs(np.log(s / n_train)))
+    ref = PAPER_PRIOR["sizes"][size]
+    out = []
+    for name, m in PAPER_PRIOR["methods"].items():
+        lam = m["rate"] * _PAPER_FULL_7B / 1e18  # per C_full at 7B
+        s_fit = m["k"] * _PAPER_NT_7B / _PAPER_FULL_7B
+        out.append(MethodModel(name, ref["pbar"], ref["p0"], lam, s_fit, m["k"]))
+    return out
+
+
+def from_fits(report: dict) -> list[MethodModel]:
+    """Method models from `ccds analyze`'s fits.json (one model size and target)."""
+    out = []
+    for name, f in report["fits"].items():
+        meta = report["methods"][name]
+        out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
+                               meta["k"], tuple(f["intervals"]["lam"])
+                               if "lam" in f.get("intervals", {}) else None))
+    return out
+
+
+@dataclass
+class Option:
+    method: str
+    fraction: float
+    selection_flops: float
+    training_flops: float
+    predicted: float
+    interval: tuple[float, float] | None
+
+    @property
+    def total(self) -> float:
+        return self.selection_flops + self.training_flops
+
+
+def plan(budget: float, n_train: float, n_sel: float, pool_tokens: float,
+         models: list[MethodModel], tasks: int = 1
+         ) -> tuple[list[Option], list[tuple[str, str]]]:
+    """Every affordable option, best first, and the methods ruled out (with why)."""
+    if budget <= 0 or n_train <= 0 or n_sel <= 0 or pool_tokens <= 0 or tasks < 1:
+        raise CcdsError("budget, model sizes and pool tokens must be positive, tasks ≥ 1")
+    c_full = 6.0 * n_train * pool_tokens
+    options, ruled_out = [], []
+    for m in models:
+        c_sel = m.k * n_sel * pool_tokens / tasks
+        if c_sel >= budget:
+            ruled_out.append((m.name, f"its selection alone costs {c_sel:.3g} FLOPs, more than "
+                                      f"the budget {budget:.3g}"))
+            continue
+        f = min(1.0, (budget - c_sel) / c_full)
+        lo_hi = None
+        if m.lam_interval is not None:
+            lo_hi = tuple(sorted((m.predict(f, m.lam_interval[0]),
+                                  m.predict(f, m.lam_interval[1]))))
+        options.append(Option(m.name, f, c_sel, f * c_full, m.predict(f), lo_hi))
+    options.sort(key=lambda o: -o.predicted)
+    return options, ruled_out
+
+
+def explain(options: list[Option], ruled_out: list[tuple[str, str]], budget: float,
+            c_full: float, tasks: int, source: str) -> str:
+    if not options:
+        return ("No method fits this budget: " + "; ".join(f"{m}: {w}" for m, w in ruled_out)
+                + ". Raise the budget or use a smaller selection model.")
+    best = options[0]
+    text = (f"Use {best.method} on {best.fraction:.1%} of the pool: its selection costs "
+            f"{best.selection_flops:.3g} FLOPs ({best.selection_flops / budget:.0%} of the "
+            f"budget) and training {best.training_flops:.3g}, for a predicted "
+            f"{best.predicted:.2f}")
+    if best.interval:
+        text += f" ({best.interval[0]:.2f}–{best.interval[1]:.2f})"
+    text += "."
+    if len(options) > 1:
+        ru = options[1]
+        text += (f" The runner-up, {ru.method} on {ru.fraction:.1%}, predicts {ru.predicted:.2f}"
+                 f" ({best.predicted - ru.predicted:+.2f} for the choice).")
+    if best.fraction >= 1:
+        text += " The budget covers the whole pool; what is left over buys nothing more here."
+    pricier = [o for o in options if o.selection_flops > best.selection_flops + 0.05 * budget]
+    if pricier:
+        o = pricier[0]
+        text += (f" {o.method} spends {o.selection_flops / budget:.0%} of the budget on "
+                 f"selection, which leaves {o.fraction:.1%} of the pool for training; sharing "
+                 f"its selection over more than {tasks} task(s) would lower that price.")
+    text += f" (Curves: {source}; full training costs {c_full:.3g} FLOPs.)"
+    return text
