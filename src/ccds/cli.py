@@ -17,6 +17,8 @@ from .errors import CcdsError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compute-constrained data selection: score a pool against a target, "
                        "select, LoRA-train, evaluate — with every FLOP accounted for.")
+sweep_app = typer.Typer(no_args_is_help=True, help="Run a grid of selection + training runs.")
+app.add_typer(sweep_app, name="sweep")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect pools and targets.")
 app.add_typer(data_app, name="data")
 
@@ -302,6 +304,40 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
             continue
         table.add_row(f"select: {name}", f"{m.cost(examples, tgt):.3e}", "")
     Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+@sweep_app.command("run")
+def sweep_run(config: Annotated[Path, typer.Argument(help="sweep YAML (see ccds.sweep)")],
+              out: Annotated[Path | None, Opt(help="output folder (overrides the config)")] = None):
+    """Run every (model × target × method × seed × fraction); resumable, safe to kill."""
+    from .sweep import SweepConfig, run_sweep
+
+    cfg = _config(SweepConfig, config, {"out": out})
+    path = run_sweep(cfg, log=typer.echo)
+    typer.echo(f"run store: {path}; next: ccds analyze {cfg.out}")
+
+
+@app.command("analyze")
+def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")],
+                out: Annotated[Path | None, Opt(help="report folder (default RUNS/report)")]
+                = None,
+                share: Annotated[str, Opt(help="none, pbar or pbar_p0: shared fit "
+                                               "parameters")] = "pbar",
+                convention: Annotated[str, Opt(help="ccds or paper FLOPs")] = "ccds",
+                bootstrap: Annotated[int, Opt(help="bootstrap resamples")] = 200):
+    """Fit P(C) per method, draw frontiers, find break-even ratios, write the report."""
+    from .analyse.runs import analyze
+
+    if convention not in ("ccds", "paper"):
+        raise CcdsError(f"unknown convention '{convention}'", None, "use ccds or paper")
+    out = out or runs / "report"
+    report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap)
+    for g in report["groups"]:
+        fr = ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in g["frontier"])
+        typer.echo(f"{g['target']} / {g['model']}: {g['runs']} runs; frontier: {fr}")
+        if g["fit_error"]:
+            typer.echo(f"  fit: {g['fit_error']}")
+    typer.echo(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'fits.json'}")
 
 
 def _model_size(spec: str) -> float:

@@ -68,11 +68,16 @@ def paper_prior(n_train: float) -> list[MethodModel]:
     return out
 
 
-def from_fits(report: dict) -> list[MethodModel]:
-    """Method models from `ccds analyze`'s fits.json (one model size and target)."""
+def from_fits(report: dict, target: str | None = None) -> list[MethodModel]:
+    """Method models from `ccds analyze`'s fits.json: the group of `target` (else the first)."""
+    groups = [g for g in report["groups"] if target in (None, g["target"]) and g["fits"]]
+    if not groups:
+        raise CcdsError("no fitted curves in this fits file" + (f" for {target}" if target
+                        else ""), None, "run ccds analyze on a sweep with enough fractions")
+    g = groups[0]
     out = []
-    for name, f in report["fits"].items():
-        meta = report["methods"][name]
+    for name, f in g["fits"].items():
+        meta = g["methods"][name]
         out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
                                meta["k"], tuple(f["intervals"]["lam"])
                                if "lam" in f.get("intervals", {}) else None))

@@ -1,0 +1,202 @@
+"""`ccds sweep run CONFIG`: every (training model × target × method × seed × fraction) run,
+resumable.
+
+Scores are computed once per (method, target, selection model) and reused for every
+fraction (the score cache is keyed by content and written atomically, so a partial file is
+never trusted). Each run trains, evaluates, and is inserted into the run store in one
+transaction only when it is finished, under a key that hashes everything that determines it:
+a sweep killed at any moment and started again skips finished runs, redoes the interrupted
+one from scratch, and ends with the same rows as an uninterrupted sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import CcdsError
+from .evaluate import EvalConfig
+from .train import TrainConfig
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    label: str | None = Field(None, description="name in tables (default: the method name)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .score import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method '{v}' (choose from {', '.join(sorted(REGISTRY))})")
+        return v
+
+    @property
+    def tag(self) -> str:
+        return self.label or self.name
+
+
+class SynthSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    n_pool: int = Field(1000, ge=10)
+    n_val: int = Field(8, ge=1)
+    n_test: int = Field(60, ge=1)
+
+
+class SweepConfig(BaseModel):
+    """A sweep: which pool, targets, methods, fractions and models; how to train and score."""
+
+    model_config = ConfigDict(extra="forbid")
+    out: Path = Path("sweep-out")
+    pool: str = Field("synth", description="pool file/folder/hub id, or 'synth' (generated)")
+    synth: SynthSpec = SynthSpec()
+    targets: list[str] = Field(default_factory=lambda: ["synth-arithmetic"], min_length=1)
+    n_test: int | None = Field(None, ge=1, description="cap on each target's T")
+    methods: list[MethodSpec] = Field(min_length=1)
+    fractions: list[float] = Field(min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig(generate=False)
+    metric: Literal["nll", "primary"] = Field(
+        "nll", description="P: −(test NLL), or the target's own metric (accuracy, exact match)")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names(cls, v):
+        return [{"name": m} if isinstance(m, str) else m for m in v or []]
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        return sorted(set(v))
+
+
+def load_config(path: Path | str) -> SweepConfig:
+    from .cli import _config
+
+    return _config(SweepConfig, Path(path), {})
+
+
+def _data(cfg: SweepConfig):
+    from .data.formats import load_examples
+    from .data.sources import load_target
+
+    if cfg.pool == "synth":
+        from .data.synth import generate
+
+        s = cfg.synth
+        pool, targets = generate(seed=s.seed, n_pool=s.n_pool, n_val=s.n_val, n_test=s.n_test)
+        by_name = {t.name: t for t in targets}
+        unknown = [t for t in cfg.targets if t not in by_name]
+        if unknown:
+            raise CcdsError(f"unknown synthetic target(s) {', '.join(unknown)}", None,
+                            f"choose from {', '.join(by_name)}")
+        chosen = [by_name[t] for t in cfg.targets]
+    else:
+        pool = load_examples(cfg.pool)
+        chosen = [load_target(t, n_test=cfg.n_test) for t in cfg.targets]
+    if cfg.n_test:
+        for t in chosen:
+            t.test = t.test[: cfg.n_test]
+    return pool, chosen
+
+
+def perf_of(ev: dict, metric: str) -> float:
+    return -ev["nll"] if metric == "nll" or ev.get("primary") is None else float(ev["primary"])
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> Path:
+    """Run every missing run; returns the store's path."""
+    from .evaluate import evaluate
+    from .flops import Ledger, encoded_work, lora_step_flops, paper_flops
+    from .io import stable_hash
+    from .models import load_causal_lm, param_counts, pick_runtime
+    from .score import Context, get_method, run
+    from .score.base import examples_hash, target_hash
+    from .select import select
+    from .store import Store
+    from .tokenize import encode
+    from .train import train
+
+    pool, targets = _data(cfg)
+    store = Store(cfg.out / "runs.sqlite")
+    config_hash = stable_hash(cfg.model_dump(mode="json", exclude={"out"}))
+    store.set_meta("config", cfg.model_dump(mode="json"))
+    pool_hash = examples_hash(pool)
+    n_runs = len(cfg.models) * len(targets) * sum(len(m.seeds) for m in cfg.methods) \
+        * len(cfg.fractions)
+    done = 0
+    t0 = time.perf_counter()
+    for model_name in cfg.models:
+        tcfg = cfg.train.model_copy(update={"model": model_name})
+        rt = pick_runtime(tcfg.device, tcfg.dtype)
+        model, tok, ref = load_causal_lm(model_name)
+        model.to(rt.device)
+        enc = encode(pool, tok, tcfg.max_len)
+        work = encoded_work(enc, suffix=True)
+        counts = param_counts(model)
+        from .models import counts_without_weights
+
+        lora = counts_without_weights(model_name, tcfg) if tcfg.lora else counts
+        store.set_meta(f"c_full/{model_name}", {
+            "analytic": lora_step_flops(lora, work) * tcfg.epochs,
+            "paper": paper_flops(counts, work.tokens, training=True) * tcfg.epochs,
+            "pool_tokens": work.tokens, "params": counts})
+        for target in targets:
+            for spec in cfg.methods:
+                for seed in spec.seeds:
+                    keys = {f: stable_hash(pool_hash, target_hash(target),
+                                           examples_hash(target.test), ref.fingerprint,
+                                           spec.name, spec.params, seed, f,
+                                           tcfg.model_dump(exclude={"device"}),
+                                           cfg.eval.model_dump(), cfg.metric)
+                            for f in cfg.fractions}
+                    todo = [f for f in cfg.fractions if not store.has(keys[f])]
+                    done += len(cfg.fractions) - len(todo)
+                    if not todo:
+                        continue
+                    method = get_method(spec.name, **{"seed": seed, **spec.params})
+                    sel = Ledger()
+                    scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=sel,
+                                 cache=cfg.out / "scores")
+                    for f in todo:
+                        idx = select(scores.values, fraction=f)
+                        if method.order == "given":
+                            idx = method.train_order(pool, idx, Context(runtime=rt))
+                        ledger = Ledger()
+                        ledger.add(scores.stage)
+                        res = train([pool[i] for i in idx], tcfg.model_copy(
+                            update={"seed": seed, "order": method.order}), model=model,
+                            tokenizer=tok, runtime=rt, ledger=ledger, progress=None)
+                        ev = evaluate(res.model, tok, target, cfg.eval, runtime=rt,
+                                      ledger=ledger, label=spec.tag, progress=None)
+                        model = res.model.unload()
+                        tr = ledger.stages[1]
+                        row = {"target": target.name, "model": model_name,
+                               "method": spec.tag, "method_name": spec.name,
+                               "params": spec.params, "fraction": f, "seed": seed,
+                               "selection_flops": scores.stage.analytic_flops,
+                               "selection_paper_flops": scores.stage.paper_flops,
+                               "training_flops": tr.analytic_flops,
+                               "training_paper_flops": tr.paper_flops,
+                               "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
+                               "eval": {k: v for k, v in ev.items() if k != "samples"},
+                               "ledger": ledger.to_dict(), "n": len(idx),
+                               "tokens": res.tokens, "ids": [pool[i].id for i in idx]}
+                        store.add(keys[f], config_hash, row)
+                        done += 1
+                        log(f"[{done}/{n_runs}] {target.name} {model_name} {spec.tag} "
+                            f"seed {seed} {f:.1%}: P={row['perf']:.4f} "
+                            f"({time.perf_counter() - t0:.0f} s)")
+    return store.path

@@ -1,0 +1,97 @@
+"""Sweeps: config validation, a run store that survives SIGKILL, and the analysis report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from ccds.store import Store
+
+
+def write_config(path, model, out, **over):
+    cfg = {"out": str(out), "pool": "synth", "synth": {"n_pool": 100, "n_test": 6, "n_val": 4},
+           "targets": ["synth-arithmetic"],
+           "methods": [{"name": "random", "seeds": [0, 1]}, "bm25"],
+           "fractions": [0.2, 0.5, 1.0], "models": [str(model)],
+           "train": {"epochs": 1, "lr": 1e-2, "batch_tokens": 512, "lora_r": 4},
+           "eval": {"generate": False}}
+    cfg.update(over)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def rows(out):
+    return {(r["method"], r["seed"], r["fraction"]): (r["perf"], r["ids"])
+            for r in Store(out / "runs.sqlite").runs()}
+
+
+def sweep(cfg, env=None, timeout=None):
+    return subprocess.Popen([sys.executable, "-m", "ccds", "sweep", "run", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    from test_cli import ccds, one_error_line
+
+    good = write_config(tmp_path / "c.yaml", "x", tmp_path / "o")
+    for field, value, needle in [("fractions", [0.1, 1.5], "fractions"),
+                                 ("methods", ["nope"], "unknown method"),
+                                 ("colour", "red", "colour")]:
+        cfg = yaml.safe_load(good.read_text())
+        cfg[field] = value
+        bad = tmp_path / f"{field}.yaml"
+        bad.write_text(yaml.safe_dump(cfg))
+        one_error_line(ccds("sweep", "run", bad), needle)
+
+
+@pytest.mark.slow
+def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
+    env = {**os.environ, "CCDS_CACHE": str(tmp_path / "cache")}
+    ref_cfg = write_config(tmp_path / "ref.yaml", tiny_model_dir, tmp_path / "ref")
+    p = sweep(ref_cfg, env)
+    assert p.wait(timeout=900) == 0, p.stderr.read()
+    reference = rows(tmp_path / "ref")
+    assert len(reference) == 3 * 3  # random ×2 seeds, bm25 × 3 fractions
+
+    cfg = write_config(tmp_path / "k.yaml", tiny_model_dir, tmp_path / "k")
+    kills = 0
+    for delay in (4.0, 6.0, 8.0, 10.0):
+        p = sweep(cfg, env)
+        time.sleep(delay)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+        got = rows(tmp_path / "k")
+        assert all(got[k] == reference[k] for k in got)  # every stored row is a whole one
+    p = sweep(cfg, env)
+    assert p.wait(timeout=900) == 0, p.stderr.read()
+    assert kills >= 3
+    assert rows(tmp_path / "k") == reference
+    before = (tmp_path / "k" / "runs.sqlite").stat().st_size
+    p = sweep(cfg, env)  # nothing left to do
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "P=" not in out
+    assert len(rows(tmp_path / "k")) == 9
+    assert (tmp_path / "k" / "runs.sqlite").stat().st_size == before
+
+    from test_cli import ccds
+
+    r = ccds("analyze", tmp_path / "ref", "--bootstrap", "20")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "ref" / "report" / "fits.json").read_text())
+    g = report["groups"][0]
+    assert set(g["fits"]) == {"random", "bm25"}
+    for name in ("report.html", "report.md", "runs.csv"):
+        assert (tmp_path / "ref" / "report" / name).stat().st_size > 200
+    assert any(f.endswith("-frontier.png") for f in os.listdir(tmp_path / "ref" / "report"))
+    assert g["overlap"]["0.2"]["methods"] == ["bm25", "random"]
+    r = ccds("plan", "--budget", str(g["c_full"] * 0.5), "--train-model", "1e6",
+             "--selection-model", "1e6", "--pool-tokens", "1e4", "--fits",
+             tmp_path / "ref" / "report" / "fits.json")
+    assert r.returncode == 0 and "Use " in r.stdout, r.stderr
