@@ -60,7 +60,7 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
 
     cfg = write_config(tmp_path / "k.yaml", tiny_model_dir, tmp_path / "k")
     kills = 0
-    for delay in (4.0, 6.0, 8.0, 10.0):
+    for delay in (5.0, 9.0, 13.0, 17.0):
         p = sweep(cfg, env)
         time.sleep(delay)
         if p.poll() is None:

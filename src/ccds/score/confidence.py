@@ -6,20 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 from . import proxy
-from .base import Method
 
 
 class ConfidenceParams(proxy.ProxyParams):
     checkpoint: int = -1
 
 
-class LeastConfidence(Method):
+class LeastConfidence(proxy.ProxyMethod):
     name = "least_confidence"
-    needs_target = False
     Params = ConfidenceParams
-
-    def cost(self, pool, target) -> float:
-        return proxy.cost(self.params, pool)
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         conf = proxy.trajectories(self.params, pool, ctx, meter).confidence

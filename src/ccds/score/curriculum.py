@@ -11,18 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import proxy
-from .base import Method
 from .confidence import ConfidenceParams
 
 
-class Curriculum(Method):
+class Curriculum(proxy.ProxyMethod):
     name = "curriculum"
-    needs_target = False
     Params = ConfidenceParams
     order = "given"
-
-    def cost(self, pool, target) -> float:
-        return proxy.cost(self.params, pool)
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         proxy.trajectories(self.params, pool, ctx, meter)  # computed (and charged) here

@@ -15,7 +15,6 @@ import numpy as np
 from pydantic import Field
 
 from . import proxy
-from .base import Method
 
 
 class FacilityParams(proxy.ProxyParams):
@@ -24,9 +23,8 @@ class FacilityParams(proxy.ProxyParams):
                                 "of the pool; the rest follows by its last gain bound")
 
 
-class FacilityLocation(Method):
+class FacilityLocation(proxy.ProxyMethod):
     name = "facility_location"
-    needs_target = False
     Params = FacilityParams
 
     def cost(self, pool, target) -> float:

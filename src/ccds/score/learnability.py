@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import proxy
-from .base import Method
 
 
 class LearnabilityParams(proxy.ProxyParams):
@@ -14,13 +13,9 @@ class LearnabilityParams(proxy.ProxyParams):
     late: int = -1
 
 
-class Learnability(Method):
+class Learnability(proxy.ProxyMethod):
     name = "learnability"
-    needs_target = False
     Params = LearnabilityParams
-
-    def cost(self, pool, target) -> float:
-        return proxy.cost(self.params, pool)
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         loss = proxy.trajectories(self.params, pool, ctx, meter).loss

@@ -6,18 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import proxy
-from .base import Method
 from .confidence import ConfidenceParams
 from .ppl import middle_third_first
 
 
-class MidPPL(Method):
+class MidPPL(proxy.ProxyMethod):
     name = "mid_ppl"
-    needs_target = False
     Params = ConfidenceParams
-
-    def cost(self, pool, target) -> float:
-        return proxy.cost(self.params, pool)
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         loss = proxy.trajectories(self.params, pool, ctx, meter).loss[:, self.params.checkpoint]

@@ -28,7 +28,7 @@ from ..lm import mean_hidden, score_sequences
 from ..models import cache_dir, load_causal_lm, param_counts, resolve
 from ..tokenize import encode
 from ..train import TrainConfig, add_lora, train
-from .base import Params, examples_hash
+from .base import Method, Params, examples_hash
 
 SCRATCH = "scratch"
 
@@ -255,3 +255,13 @@ def _load_weights(model, ckpt: Path, lora: bool) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
         raise RuntimeError(f"proxy checkpoint {ckpt} does not match the model")
+
+
+class ProxyMethod(Method):
+    """A method that reads the proxy's trajectories; priced as proxy training plus one
+    forward per checkpoint. Subclasses set `name`, `Params` and `score`."""
+
+    needs_target = False
+
+    def cost(self, pool, target) -> float:
+        return cost(self.params, pool)

@@ -19,7 +19,6 @@ from pydantic import Field
 
 from ..analyse.composition import cluster_purity
 from . import proxy
-from .base import Method
 
 
 class S2LParams(proxy.ProxyParams):
@@ -29,9 +28,8 @@ class S2LParams(proxy.ProxyParams):
     by_source: bool = Field(False, description="cluster each source separately")
 
 
-class S2L(Method):
+class S2L(proxy.ProxyMethod):
     name = "s2l"
-    needs_target = False
     Params = S2LParams
 
     def cost(self, pool, target) -> float:
