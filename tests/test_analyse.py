@@ -88,7 +88,8 @@ def test_overlap_is_jaccard():
 @pytest.mark.data
 def test_paper_points_reproduce_the_papers_conclusions(shared_data):
     full = {"llama-2-7b": 4.593e18, "llama-2-13b": 8.638e18, "llama-2-70b": 4.926e19}
-    rows = list(csv.DictReader(open(shared_data / "ccds_paper" / "mmlu_points.csv")))
+    text = (shared_data / "ccds_paper" / "mmlu_points.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
     for model, c_full in full.items():
         pts = [Point(r["method"], float(r["fraction"]),
                      max(float(r["total_flops"]) - float(r["fraction"]) * c_full, 0.0),

@@ -133,7 +133,8 @@ def _trained(p: ProxyParams, pool, ctx):
     model.to(ctx.runtime.device)
     done = root / "trained.json"
     lora = p.proxy != SCRATCH and p.proxy_lora
-    if not done.exists():
+    reused = done.exists()
+    if not reused:
         ledger = Ledger()
         tmp = root / f"train.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +151,7 @@ def _trained(p: ProxyParams, pool, ctx):
         model = res.model
     elif lora:
         model = add_lora(model, _train_config(p))
-    return root, model, tok, read_json(done)
+    return root, model, tok, {**read_json(done), "reused": reused}
 
 
 def _checkpoint(root: Path, info: dict, model, c: int, lora: bool) -> None:
@@ -171,7 +172,7 @@ def trajectories(p: ProxyParams, pool, ctx, meter: Meter | None = None) -> Traje
     conf = _matrix(root / "confidence.npy", n, t)
     columns = root / "columns.json"
     have = read_json(columns) if columns.exists() else {}
-    reused = bool(have)
+    reused = info["reused"]  # work done before this call is charged, not measured
     enc = None
     for c in range(t):
         if str(c) not in have:
@@ -210,6 +211,7 @@ def embeddings(p: ProxyParams, pool, ctx, meter: Meter, checkpoint: int = -1) ->
         raise CcdsError(f"proxy embeddings come from the first or last checkpoint, not {c}",
                         None, "use checkpoint 0 or -1")
     meter.add(info["flops"], info["paper_flops"])
+    meter.stage.detail["proxy"] = {"cache": str(root), "reused": info["reused"]}
     path = root / f"embed-{c}.npy"
     if path.exists():
         cost = read_json(path.with_suffix(".json"))
