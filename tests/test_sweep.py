@@ -95,3 +95,7 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
              "--selection-model", "1e6", "--pool-tokens", "1e4", "--fits",
              tmp_path / "ref" / "report" / "fits.json")
     assert r.returncode == 0 and "Use " in r.stdout, r.stderr
+    # pilot: the two smallest fractions, fitted with one rate per method, then a plan
+    r = ccds("plan", "--pilot", ref_cfg, "--budget", str(g["c_full"] * 0.3))
+    assert r.returncode == 0 and "Use " in r.stdout, r.stderr
+    assert len(list(Store(tmp_path / "ref" / "pilot" / "runs.sqlite").runs())) == 3 * 2

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from .errors import CcdsError
@@ -218,6 +219,8 @@ def select_cmd(
         fraction: Annotated[float | None, Opt(help="fraction of the pool, in (0, 1]")] = None,
         count: Annotated[int | None, Opt(help="number of examples")] = None,
         tokens: Annotated[int | None, Opt(help="training-token budget")] = None,
+        flops: Annotated[float | None, Opt(help="FLOPs budget for selection + LoRA training "
+                                                "of --model (one epoch)")] = None,
         param: ParamOpt = None,
         seed: Annotated[int, Opt()] = 0,
         model: Annotated[str, Opt(help="tokenizer for --tokens")] = "smollm2-135m",
@@ -227,8 +230,8 @@ def select_cmd(
     from .score import read_scores
     from .select import select
 
-    if sum(x is not None for x in (fraction, count, tokens)) != 1:
-        raise CcdsError("give exactly one of --fraction, --count or --tokens")
+    if sum(x is not None for x in (fraction, count, tokens, flops)) != 1:
+        raise CcdsError("give exactly one of --fraction, --count, --tokens or --flops")
     if fraction is not None and not 0 < fraction <= 1:
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
     m = None
@@ -238,16 +241,28 @@ def select_cmd(
         if sc is None or sc.ids != [e.id for e in examples]:
             raise CcdsError("scores file does not match the pool (ids differ or unreadable)",
                             str(scores), "re-run ccds score on this pool")
+        if np.isnan(sc.values).any():
+            raise CcdsError(f"{int(np.isnan(sc.values).sum())} NaN scores", str(scores),
+                            "re-score the pool; check those examples for empty text")
     else:
         examples, sc, m = _score(pool, method, target, param, seed)
-    lengths = None
-    if tokens is not None:
-        from .models import load_causal_lm
-        from .tokenize import encode
+    lengths, per_token = None, None
+    if tokens is not None or flops is not None:
+        from transformers import AutoTokenizer
 
-        _, tok, _ = load_causal_lm(model)
+        from .flops import Work, lora_step_flops
+        from .models import counts_without_weights, resolve
+        from .tokenize import encode
+        from .train import TrainConfig
+
+        tok = AutoTokenizer.from_pretrained(resolve(model).path)
         lengths = encode(examples, tok).lengths
-    idx = select(sc.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths)
+        one = Work()
+        one.add([1], 1, 1)  # one token, attention aside: the marginal cost of training on it
+        per_token = lora_step_flops(counts_without_weights(model, TrainConfig(model=model)), one)
+    idx = select(sc.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths,
+                 flops=flops, flops_per_token=per_token,
+                 selection_flops=sc.stage.analytic_flops)
     if m is not None and m.order == "given":
         from .score import Context
 
@@ -352,25 +367,40 @@ def _model_size(spec: str) -> float:
 
 @app.command("plan")
 def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + training")],
-             train_model: Annotated[str, Opt(help="model to fine-tune: name or size (7e9)")],
-             selection_model: Annotated[str, Opt(help="model that scores: name or size")],
-             pool_tokens: Annotated[float, Opt(help="tokens in the pool")],
+             train_model: Annotated[str | None, Opt(help="model to fine-tune: name or size "
+                                                         "(7e9)")] = None,
+             selection_model: Annotated[str | None, Opt(help="model that scores: name or "
+                                                             "size")] = None,
+             pool_tokens: Annotated[float | None, Opt(help="tokens in the pool")] = None,
              tasks: Annotated[int, Opt(help="target tasks sharing one selection")] = 1,
              fits: Annotated[Path | None, Opt(help="fits.json from `ccds analyze`")] = None,
-             prior: Annotated[str, Opt(help="curves when no --fits: paper")] = "paper"):
+             pilot: Annotated[Path | None, Opt(help="sweep YAML: run its two smallest "
+                                                    "fractions, fit, and plan from that")] = None,
+             prior: Annotated[str, Opt(help="curves when no --fits/--pilot: paper")] = "paper"):
     """Recommend a method and fraction for a compute budget, with the predicted result."""
     from .io import read_json
     from .plan import PAPER_PRIOR, explain, from_fits, paper_prior, plan
 
-    n_train, n_sel = _model_size(train_model), _model_size(selection_model)
+    c_full_k = 6.0
+    defaults: dict = {}
+    if pilot is not None:
+        fits, defaults = _pilot(pilot)
+    missing = [n for n, v in (("--train-model", train_model), ("--selection-model",
+               selection_model), ("--pool-tokens", pool_tokens)) if v is None
+               and n not in defaults]
+    if missing:
+        raise CcdsError(f"missing {', '.join(missing)}", None, "give them (or use --pilot)")
+    n_train = _model_size(train_model) if train_model else defaults["--train-model"]
+    n_sel = _model_size(selection_model) if selection_model else defaults["--selection-model"]
+    pool_tokens = pool_tokens or defaults["--pool-tokens"]
     if fits is not None:
-        report = read_json(fits)
-        models, source = from_fits(report), f"fits from {fits}"
+        models, c_full_k = from_fits(read_json(fits))
+        source = f"fits from {fits}"
     elif prior == "paper":
         models, source = paper_prior(n_train), PAPER_PRIOR["source"]
     else:
         raise CcdsError(f"unknown prior '{prior}'", None, "use --prior paper or --fits FILE")
-    options, out = plan(budget, n_train, n_sel, pool_tokens, models, tasks)
+    options, out = plan(budget, n_train, n_sel, pool_tokens, models, tasks, c_full_k)
     typer.echo(f"budget {budget:.3g} FLOPs; training {n_train:.3g} params, selection "
                f"{n_sel:.3g}, pool {pool_tokens:.3g} tokens, {tasks} task(s)")
     typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
@@ -382,7 +412,25 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
     for m, why in out:
         typer.echo(f"{m:<18}ruled out: {why}")
     typer.echo("")
-    typer.echo(explain(options, out, budget, 6.0 * n_train * pool_tokens, tasks, source))
+    typer.echo(explain(options, out, budget, c_full_k * n_train * pool_tokens, tasks, source))
+
+
+def _pilot(config: Path) -> tuple[Path, dict]:
+    """Run a sweep's two smallest fractions into OUT/pilot, fit them with shared P̄ and P0
+    (one rate per method), and return the fits and the sweep's own sizes as defaults."""
+    from .analyse.runs import analyze
+    from .store import Store
+    from .sweep import SweepConfig, run_sweep
+
+    cfg = _config(SweepConfig, config, {})
+    cfg = cfg.model_copy(update={"fractions": sorted(cfg.fractions)[:2],
+                                 "out": cfg.out / "pilot"})
+    run_sweep(cfg, log=typer.echo)
+    analyze(cfg.out, cfg.out / "report", share="pbar_p0", bootstrap=100)
+    meta = Store(cfg.out / "runs.sqlite").meta()[f"c_full/{cfg.models[0]}"]
+    n = float(meta["params"]["non_embedding"])
+    return cfg.out / "report" / "fits.json", {"--train-model": n, "--selection-model": n,
+                                             "--pool-tokens": float(meta["pool_tokens"])}
 
 
 # -- train / eval --------------------------------------------------------------------------

@@ -68,8 +68,9 @@ def paper_prior(n_train: float) -> list[MethodModel]:
     return out
 
 
-def from_fits(report: dict, target: str | None = None) -> list[MethodModel]:
-    """Method models from `ccds analyze`'s fits.json: the group of `target` (else the first)."""
+def from_fits(report: dict, target: str | None = None) -> tuple[list[MethodModel], float]:
+    """Method models from `ccds analyze`'s fits.json (the group of `target`, else the first)
+    and its C_full / (N_train · T_pool), so plans price training in the fit's convention."""
     groups = [g for g in report["groups"] if target in (None, g["target"]) and g["fits"]]
     if not groups:
         raise CcdsError("no fitted curves in this fits file" + (f" for {target}" if target
@@ -81,7 +82,7 @@ def from_fits(report: dict, target: str | None = None) -> list[MethodModel]:
         out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
                                meta["k"], tuple(f["intervals"]["lam"])
                                if "lam" in f.get("intervals", {}) else None))
-    return out
+    return out, g["c_full_k"]
 
 
 @dataclass
@@ -99,12 +100,13 @@ class Option:
 
 
 def plan(budget: float, n_train: float, n_sel: float, pool_tokens: float,
-         models: list[MethodModel], tasks: int = 1
+         models: list[MethodModel], tasks: int = 1, c_full_k: float = 6.0
          ) -> tuple[list[Option], list[tuple[str, str]]]:
-    """Every affordable option, best first, and the methods ruled out (with why)."""
+    """Every affordable option, best first, and the methods ruled out (with why).
+    Training on the whole pool costs c_full_k · N_train · T_pool (6: the paper's convention)."""
     if budget <= 0 or n_train <= 0 or n_sel <= 0 or pool_tokens <= 0 or tasks < 1:
         raise CcdsError("budget, model sizes and pool tokens must be positive, tasks ≥ 1")
-    c_full = 6.0 * n_train * pool_tokens
+    c_full = c_full_k * n_train * pool_tokens
     options, ruled_out = [], []
     for m in models:
         c_sel = m.k * n_sel * pool_tokens / tasks

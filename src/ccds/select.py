@@ -55,6 +55,10 @@ def select(scores: np.ndarray, *, fraction: float | None = None, count: int | No
                             f"{selection_flops:.3e} alone", None,
                             "raise the budget or choose a cheaper method")
         tokens = int(left // flops_per_token)
+        if tokens <= 0:
+            raise CcdsError(f"the FLOPs budget leaves {left:.3e} after selection, less than "
+                            f"training on one token costs ({flops_per_token:.3e})", None,
+                            "raise the budget")
     assert tokens is not None
     if tokens <= 0:
         raise CcdsError(f"token budget {tokens} must be positive")

@@ -64,6 +64,7 @@ def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta) -> di
                "fits": {}, "fit_error": None, "methods": {}}
     methods = sorted({p.method for p in pts})
     n_params = full_meta["params"]["non_embedding"]
+    g["c_full_k"] = c_full / (n_params * full_meta["pool_tokens"])  # C_full / (N · T_pool)
     for m in methods:
         mine = [p for p in pts if p.method == m]
         g["methods"][m] = {"selection_share": float(np.mean([p.selection for p in mine])) / c_full,

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 Row = tuple[str, int, str, dict[str, Any]]  # (stem, row index, where, row)
 
 
+MAX_EXAMPLE_CHARS = 1_000_000  # far beyond any context window; larger is a broken row
+
+
 def load_examples(ref: str | os.PathLike, *, columns: dict[str, str] | None = None,
                   source: str | None = None, split: str = "train",
                   limit: int | None = None, skip_empty: bool = False) -> list[Example]:
@@ -58,6 +61,11 @@ def load_examples(ref: str | os.PathLike, *, columns: dict[str, str] | None = No
                                 "every example needs a non-empty response")
             empty.append(where)
             continue
+        size = len(ex.prompt) + len(ex.response)
+        if size > MAX_EXAMPLE_CHARS:
+            raise CcdsError(f"example of {size / 1e6:.1f} MB of text (limit "
+                            f"{MAX_EXAMPLE_CHARS / 1e6:.0f} MB)", where,
+                            "drop or split it; models see at most a few thousand tokens")
         if ex.id in first_seen:
             raise CcdsError(f"duplicate id {ex.id!r} (first at {first_seen[ex.id]})", where,
                             "ids must be unique; drop the id column to number rows instead")

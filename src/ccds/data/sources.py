@@ -428,6 +428,12 @@ def load_target_folder(folder: str | os.PathLike) -> Target:
             "extract", "text") not in ("number", "first_line", "text"):
         raise CcdsError("bad metric or extract", str(folder / "target.json"),
                         "metric: nll|mc|exact; extract: number|first_line|text")
+    for split in ("val", "test"):
+        path = folder / f"{split}.jsonl"
+        if path.exists() and not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise CcdsError(f"the target has no {'validation' if split == 'val' else 'test'} "
+                            "examples", str(path), "a target needs V (to select with) and T "
+                                                   "(to evaluate on)")
     return Target(meta["name"], val=load_examples(folder / "val.jsonl"),
                   test=load_examples(folder / "test.jsonl"),
                   metric=meta.get("metric", "nll"), extract=meta.get("extract", "text"))
