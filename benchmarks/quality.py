@@ -26,7 +26,7 @@ from ccds.data.pool import build_pool
 from ccds.data.sources import load_target
 from ccds.evaluate import EvalConfig
 from ccds.flops import Ledger
-from ccds.io import write_json, write_text
+from ccds.io import read_json, write_json, write_text
 from ccds.score import Context, get_method, run
 from ccds.select import select
 from ccds.train import TrainConfig
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the results of the runs finished so far, run nothing")
     args = ap.parse_args(argv)
     targets = load_targets(args.targets.split(","))
     pool_path = args.work / "pool.jsonl"
@@ -86,22 +88,28 @@ def main(argv=None) -> int:
     for label in args.methods.split(","):
         name, params = METHODS[label]
         method = get_method(name, seed=args.seed, **params)
-        per_target = list(targets) if method.needs_target else [None]
-        for tname in per_target:
-            target = targets[tname] if tname else None
-            sel = Ledger()
-            scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=sel,
-                         cache=args.work / "scores")
-            cost = method.cost(pool, target)
-            idx = select(scores.values, fraction=args.fraction)
-            names = [tname] if tname else list(targets)
+        for tname in list(targets) if method.needs_target else [None]:
             key = f"{label}-{tname or 'all'}"
-            top = runner.run(key, idx, names, sel)
-            ridx = select(random_order, tokens=top["tokens"], lengths=lengths)
-            rnd = runner.run(f"{key}-random", ridx, names, Ledger())
-            results["runs"].append({"method": label, "target": tname, "cost_estimate": cost,
-                                    "selection": scores.stage.to_dict(), "top": top,
-                                    "random": rnd})
+            done = [args.work / "runs" / f"{k}.json" for k in (key, f"{key}-random")]
+            if all(p.exists() for p in done):  # finished earlier: read, do not rescore
+                top, rnd = (read_json(p) for p in done)
+                selection = [s for s in top["ledger"]["stages"] if s["kind"] == "selection"][0]
+            elif args.report_only:
+                continue
+            else:
+                target = targets[tname] if tname else None
+                sel = Ledger()
+                scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=sel,
+                             cache=args.work / "scores")
+                names = [tname] if tname else list(targets)
+                top = runner.run(key, select(scores.values, fraction=args.fraction), names, sel)
+                ridx = select(random_order, tokens=top["tokens"], lengths=lengths)
+                rnd = runner.run(f"{key}-random", ridx, names, Ledger())
+                selection = scores.stage.to_dict()
+            results["runs"].append({"method": label, "target": tname,
+                                    "cost_estimate": method.cost(pool, targets[tname] if tname
+                                                                 else None),
+                                    "selection": selection, "top": top, "random": rnd})
     results.update(runner.meta(fraction=args.fraction))
     write_json(args.out / "quality.json", results)
     write_text(args.out / "quality.md", markdown(results))
