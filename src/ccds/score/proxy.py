@@ -211,7 +211,8 @@ def embeddings(p: ProxyParams, pool, ctx, meter: Meter, checkpoint: int = -1) ->
         raise CcdsError(f"proxy embeddings come from the first or last checkpoint, not {c}",
                         None, "use checkpoint 0 or -1")
     meter.add(info["flops"], info["paper_flops"])
-    meter.stage.detail["proxy"] = {"cache": str(root), "reused": info["reused"]}
+    meter.stage.detail["proxy"] = {"cache": str(root), "reused": info["reused"],
+                                   "train_wall_s": info["wall_s"]}
     path = root / f"embed-{c}.npy"
     if path.exists():
         cost = read_json(path.with_suffix(".json"))
