@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata as md
+import io
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -215,19 +217,24 @@ def _materialize_gguf(name: str, gguf: Path) -> ModelRef:
         return ModelRef(name, str(out), json.loads(meta.read_text())["sha256"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                             dtype=torch.float32)
-    cfg = copy.deepcopy(q.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(q.state_dict(), strict=True)
-    sha = file_sha256(gguf)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "ccds.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
+    # One-time work: say so in one line on a terminal, and keep transformers' progress
+    # bars out of stderr, which scripts (and one-line error checks) read.
+    if sys.stderr.isatty():
+        print(f"ccds: converting {gguf.name} once into {out} ...", file=sys.stderr)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+        cfg = copy.deepcopy(q.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(q.state_dict(), strict=True)
+        sha = file_sha256(gguf)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "ccds.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
     return ModelRef(name, str(out), sha)
 
 
