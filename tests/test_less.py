@@ -34,7 +34,7 @@ def test_batched_per_example_grads_match_one_at_a_time(lora_model):
     ex = [Example(f"e{i}", "word " * (2 + 4 * i), "reply " * (1 + 2 * (i % 3))) for i in range(6)]
     enc = encode(ex, tok)
     names = lora_names(model)
-    rt = pick_runtime()
+    rt = pick_runtime(dtype="fp32")  # exactness is an fp32 property
     batched = per_example_grads(model, collate(enc, np.arange(6), tok.pad_token_id), names, rt)
     assert batched.shape == (6, sum(p.numel() for n, p in model.named_parameters()
                                     if n in names))
@@ -47,7 +47,8 @@ def test_batched_per_example_grads_match_one_at_a_time(lora_model):
         ref = torch.cat([params[nm].grad.flatten() for nm in names])
         cos = torch.nn.functional.cosine_similarity(ref, batched[i], dim=0)
         assert cos >= 0.999
-        assert torch.allclose(ref, batched[i], rtol=1e-3, atol=1e-6)
+        err = (ref - batched[i]).abs().max() / ref.abs().max()
+        assert err < 1e-4
 
 
 def test_adam_direction_formula():

@@ -81,7 +81,8 @@ def cpu_has_native_bf16() -> bool:
 
 def pick_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """CUDA when present; bf16 autocast where the hardware runs it fast; else fp32."""
-    dtype = os.environ.get("CCDS_DTYPE", dtype)
+    if dtype == "auto":  # an explicit argument wins over the environment
+        dtype = os.environ.get("CCDS_DTYPE", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
