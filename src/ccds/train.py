@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,9 @@ def add_lora(model, cfg: TrainConfig):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lcfg)
+        with warnings.catch_warnings():  # peft probes transformers' deprecated alias
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+            return get_peft_model(model, lcfg)
     except ValueError as e:
         raise CcdsError(f"cannot add LoRA ({e})", None,
                         "set target_modules to the model's projection layer names") from None
