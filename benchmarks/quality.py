@@ -111,6 +111,9 @@ def main(argv=None) -> int:
                                                                  else None),
                                     "selection": selection, "top": top, "random": rnd})
     results.update(runner.meta(fraction=args.fraction))
+    if args.report_only and (args.out / "quality.json").exists():  # keep the run's own
+        prev = read_json(args.out / "quality.json")
+        results.update({k: prev[k] for k in ("command", "date", "wall_s")})
     write_json(args.out / "quality.json", results)
     write_text(args.out / "quality.md", markdown(results))
     print(f"wrote {args.out / 'quality.md'} ({results['wall_s'] / 60:.1f} min)")
@@ -140,8 +143,7 @@ def markdown(r: dict) -> str:
         for t, ev in row["top"]["eval"].items():
             rv = row["random"]["eval"][t]
             tr = [s for s in row["top"]["ledger"]["stages"] if s["kind"] == "training"][0]
-            measured = sel.get("measured_flops")
-            m = f"{measured:.2e}" if measured is not None else "—"
+            m = measured_cell(sel)
             lines.append(
                 f"| {t} | {row['method']} | {row['top']['n']} | {row['top']['tokens']} | "
                 f"{sel['analytic_flops']:.2e} / {m} | {tr['analytic_flops']:.2e} | "
@@ -149,7 +151,28 @@ def markdown(r: dict) -> str:
                 f"{ev['nll']:.3f} | {rv['nll']:.3f} | {ev['nll'] - rv['nll']:+.3f} | "
                 f"{ev['primary']:.3f} | {rv['primary']:.3f} | "
                 f"{ev['primary'] - rv['primary']:+.3f} |")
+    lines += ["", "Measured FLOPs are FlopCounterMode's count of what ran, plus work a method "
+              "reused from an earlier target (LESS's warmup and pool gradients, shared by "
+              "targets) and work outside torch counted where it runs (BM25's sparse products); "
+              "`n/a`: a run made before BM25's count was recorded.", "",
+              "Where each method beats random of equal tokens (lower T NLL; higher metric):", ""]
+    for method in dict.fromkeys(row["method"] for row in r["runs"]):
+        rows = [(t, ev, row["random"]["eval"][t]) for row in r["runs"]
+                if row["method"] == method for t, ev in row["top"]["eval"].items()]
+        nll = [f"{t} {ev['nll'] - rv['nll']:+.3f}" for t, ev, rv in rows if ev["nll"] < rv["nll"]]
+        met = [f"{t} {ev['primary'] - rv['primary']:+.3f}" for t, ev, rv in rows
+               if ev["primary"] > rv["primary"]]
+        lines.append(f"- {method}: NLL on {', '.join(nll) or 'no target'}; metric on "
+                     f"{', '.join(met) or 'no target'}")
     return "\n".join(lines) + "\n"
+
+
+def measured_cell(sel: dict) -> str:
+    measured = sel.get("measured_flops")
+    if not measured:
+        return "n/a"
+    reused = sel.get("detail", {}).get("reused_flops") or 0.0
+    return f"{measured + reused:.2e}" + (f" ({reused:.1e} reused)" if reused else "")
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ def test_targeted_methods_find_the_target_family(synth, method):
     family = np.mean([pool[i].source.endswith("arithmetic") for i in top])
     assert family > 0.6
     assert s.stage.analytic_flops == pytest.approx(m.cost(pool, target), rel=0.01)
-    if method == "embed":
-        assert s.stage.analytic_flops == pytest.approx(s.stage.measured_flops, rel=0.1)
+    # embed: FlopCounterMode's count; bm25: its sparse products, counted where they run
+    assert s.stage.measured_flops > 0
+    assert s.stage.analytic_flops == pytest.approx(s.stage.measured_flops, rel=0.1)
 
 
 def test_subtasks_mean_or_max():

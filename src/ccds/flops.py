@@ -195,6 +195,7 @@ class Meter:
         self.measure = measure
         self.device = device or torch.device("cpu")
         self.work = Work()
+        self._counted = 0.0
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Meter:
@@ -209,7 +210,7 @@ class Meter:
         self.stage.wall_s = time.perf_counter() - self._t0
         self._stack.close()
         if self._counter is not None:
-            self.stage.measured_flops = float(self._counter.total)
+            self.stage.measured_flops = float(self._counter.total) + self._counted
         self.stage.peak_mem_mb = self._mem.peak_mb
         self.stage.tokens = self.work.tokens
         self.stage.padded_tokens = self.work.padded_tokens
@@ -248,9 +249,13 @@ class Meter:
         self.work.tokens += tokens
         self.work.sequences += len(prompt_lens)
 
-    def add(self, analytic: float, paper: float | None = None) -> None:
+    def add(self, analytic: float, paper: float | None = None, *, counted: bool = False) -> None:
+        """`counted`: work done outside torch (e.g. scipy sparse products), which
+        FlopCounterMode cannot see; its exact count then goes to the measured total too."""
         self.stage.analytic_flops += analytic
         self.stage.paper_flops += analytic if paper is None else paper
+        if counted:
+            self._counted += analytic
 
 
 class _PeakMemory:

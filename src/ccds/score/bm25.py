@@ -103,7 +103,7 @@ class BM25(Method):
             w = self.weights(tf, dl, idf, avgdl)
             for name, q in queries.items():
                 per_subtask[name][lo:lo + len(dl)] = w @ q
-                meter.add(2.0 * w[:, q.nonzero()[0]].nnz)
+                meter.add(2.0 * w[:, q.nonzero()[0]].nnz, counted=True)
         return aggregate_subtasks(per_subtask, p.reduce)
 
     def weights(self, tf: sp.csr_matrix, dl: np.ndarray, idf: np.ndarray,
