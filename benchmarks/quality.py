@@ -10,7 +10,7 @@ Target-independent methods (ppl) are trained once and evaluated on every target.
 Every finished run is a JSON file under --work, so an interrupted benchmark resumes where it
 stopped. The results go to benchmarks/results/quality.{json,md}.
 
-    .venv/bin/python benchmarks/quality.py            # ~75 min on the 2-core CPU
+    .venv/bin/python benchmarks/quality.py            # ~85 min on the 2-core bf16 CPU
 """
 
 from __future__ import annotations
