@@ -42,6 +42,30 @@ def test_fit_recovers_known_parameters_from_noisy_points():
     assert unbounded["b"].lam == pytest.approx(6.0, rel=0.15)
 
 
+def test_fit_of_a_negative_metric_with_measured_zero_shot():
+    """P = −NLL is negative: P0 must not be bounded at 0, and fixing P0 to the measured
+    zero-shot value pins the curve where a few small fractions cannot."""
+    rng = np.random.default_rng(1)
+    c_full = 3e13
+    true = {"random": 2.0, "bm25": 8.0, "less": 4.0}
+    pbar, p0 = -0.80, -1.15
+    pts = {}
+    for m, lam in true.items():
+        c = np.array([0.025, 0.05, 0.1, 0.2, 0.5]) * c_full
+        pts[m] = (c, curve(c, pbar, p0, lam, c_full) + rng.normal(0, 0.005, len(c)))
+    for kw in ({"share": "pbar"}, {"share": "pbar", "p0": p0}, {"share": "none", "p0": p0}):
+        fits = fit_methods(pts, c_full, bootstrap=50, **kw)
+        for m, lam in true.items():
+            f = fits[m]
+            assert f.p0 == pytest.approx(p0, abs=0.05), (kw, m)
+            assert f.lam == pytest.approx(lam, rel=0.3), (kw, m)
+            assert f.r2 > 0.95, (kw, m)
+            lo, hi = f.intervals["lam"]
+            assert lo < hi  # a real spread, not a solver stuck on a bound
+    fixed = fit_methods(pts, c_full, share="pbar", p0=p0, bootstrap=0)
+    assert all(f.p0 == p0 and "p0 (fixed: zero-shot)" in f.shared for f in fixed.values())
+
+
 def test_too_few_points_is_a_clear_error():
     with pytest.raises(CcdsError, match="needs at least 3"):
         fit_methods({"a": (np.array([1.0, 2.0]), np.array([1.0, 2.0]))}, 1.0)

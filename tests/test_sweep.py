@@ -93,6 +93,14 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
     report = json.loads((tmp_path / "ref" / "report" / "fits.json").read_text())
     g = report["groups"][0]
     assert set(g["fits"]) == {"random", "bm25"}
+    # P0 is the untrained model's measured performance, recorded once per (target, model)
+    zero = Store(tmp_path / "ref" / "runs.sqlite").meta()["zero_shot/synth-arithmetic/" +
+                                                         str(tiny_model_dir)]
+    assert g["zero_shot"] == zero["perf"] < 0 and zero["eval"]["n"] == 6
+    assert all(f["p0"] == zero["perf"] for f in g["fits"].values())
+    killed = Store(tmp_path / "k" / "runs.sqlite").meta()["zero_shot/synth-arithmetic/" +
+                                                          str(tiny_model_dir)]
+    assert (killed["perf"], killed["flops"]) == (zero["perf"], zero["flops"])
     for name in ("report.html", "report.md", "runs.csv"):
         assert (tmp_path / "ref" / "report" / name).stat().st_size > 200
     assert any(f.endswith("-frontier.png") for f in os.listdir(tmp_path / "ref" / "report"))

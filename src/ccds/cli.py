@@ -339,14 +339,16 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
                 share: Annotated[str, Opt(help="none, pbar or pbar_p0: shared fit "
                                                "parameters")] = "pbar",
                 convention: Annotated[str, Opt(help="ccds or paper FLOPs")] = "ccds",
-                bootstrap: Annotated[int, Opt(help="bootstrap resamples")] = 200):
+                bootstrap: Annotated[int, Opt(help="bootstrap resamples")] = 200,
+                p0: Annotated[str, Opt(help="measured (P0 = the sweep's zero-shot run) or "
+                                            "fit")] = "measured"):
     """Fit P(C) per method, draw frontiers, find break-even ratios, write the report."""
     from .analyse.runs import analyze
 
     if convention not in ("ccds", "paper"):
         raise CcdsError(f"unknown convention '{convention}'", None, "use ccds or paper")
     out = out or runs / "report"
-    report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap)
+    report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0)
     for g in report["groups"]:
         fr = ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in g["frontier"])
         typer.echo(f"{g['target']} / {g['model']}: {g['runs']} runs; frontier: {fr}")

@@ -154,6 +154,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
             "paper": paper_flops(counts, work.tokens, training=True) * tcfg.epochs,
             "pool_tokens": work.tokens, "params": counts})
         for target in targets:
+            _zero_shot(store, model, tok, target, cfg, rt, model_name, ref.fingerprint)
             for spec in cfg.methods:
                 for seed in spec.seeds:
                     keys = {f: stable_hash(pool_hash, target_hash(target),
@@ -200,3 +201,25 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                             f"seed {seed} {f:.1%}: P={row['perf']:.4f} "
                             f"({time.perf_counter() - t0:.0f} s)")
     return store.path
+
+
+def _zero_shot(store, model, tok, target, cfg: SweepConfig, rt, model_name: str,
+               fingerprint: str) -> None:
+    """Evaluate the untrained model once per (target, model): the fit's P0 is this zero-shot
+    performance (spec §4), measured rather than extrapolated from the smallest fractions."""
+    from .evaluate import evaluate
+    from .flops import Ledger
+    from .io import stable_hash
+    from .score.base import examples_hash
+
+    key = stable_hash(examples_hash(target.test), fingerprint, cfg.eval.model_dump(),
+                      cfg.metric, cfg.train.max_len)
+    name = f"zero_shot/{target.name}/{model_name}"
+    if store.meta().get(name, {}).get("key") == key:
+        return
+    ledger = Ledger()
+    ev = evaluate(model, tok, target, cfg.eval, runtime=rt, ledger=ledger, label="zero-shot",
+                  progress=None)
+    store.set_meta(name, {"key": key, "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
+                          "eval": {k: v for k, v in ev.items() if k != "samples"},
+                          "flops": ledger.stages[0].analytic_flops})

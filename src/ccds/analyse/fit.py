@@ -1,11 +1,13 @@
 """Performance against compute (spec §4): P(C) = (P̄ − P0)·(1 − exp(−λ·C/C_full)) + P0.
 
 C_full is the cost of training on the whole pool, so λ reads as "how much of the headroom
-one full-training's worth of compute buys". Fits are least squares: bounded (0 ≤ P0 ≤ P̄,
-λ ≥ 0) with SciPy's trust-region solver, or Levenberg–Marquardt when unbounded. P̄ can be
-fitted per method, fixed (CCDS fixes it per model size), or shared by every method (one
-joint fit, as the paper draws its curves); P0 can be shared too. Every parameter gets a
-bootstrap interval (runs resampled within each method), and every fit its R² and residuals.
+one full-training's worth of compute buys". Fits are least squares: bounded (P0 ≤ P̄, λ ≥ 0,
+and P0 ≥ 0 when the metric is, as accuracy is; P = −NLL is negative) with SciPy's
+trust-region solver, or Levenberg–Marquardt when unbounded. P̄ can be fitted per method,
+fixed (CCDS fixes it per model size), or shared by every method (one joint fit, as the paper
+draws its curves); P0 can be shared, or fixed to the measured zero-shot performance, which is
+what P0 means and what a sweep records. Every parameter gets a bootstrap interval (runs
+resampled within each method), and every fit its R² and residuals.
 """
 
 from __future__ import annotations
@@ -49,26 +51,30 @@ class Fit:
 
 
 def fit_methods(points: dict[str, tuple[np.ndarray, np.ndarray]], c_full: float, *,
-                pbar: float | None = None, share: str = "none", bounded: bool = True,
-                bootstrap: int = 200, seed: int = 0) -> dict[str, Fit]:
+                pbar: float | None = None, p0: float | None = None, share: str = "none",
+                bounded: bool = True, bootstrap: int = 200, seed: int = 0) -> dict[str, Fit]:
     """Fit every method's (C, P) points. share: "none" (P̄ per method unless fixed),
-    "pbar" (one P̄ for all), "pbar_p0" (one P̄ and one P0; only λ per method)."""
+    "pbar" (one P̄ for all), "pbar_p0" (one P̄ and one P0; only λ per method).
+    `pbar`, `p0`: fix that parameter (P0 = the zero-shot performance, when measured)."""
     if share not in ("none", "pbar", "pbar_p0"):
         raise CcdsError(f"unknown sharing '{share}'", None, "use none, pbar or pbar_p0")
     pts = {m: (np.asarray(c, dtype=float), np.asarray(p, dtype=float))
            for m, (c, p) in points.items()}
     if share == "none":
-        return {m: _fit_group({m: xy}, c_full, pbar, "none", bounded, bootstrap, seed)[m]
+        return {m: _fit_group({m: xy}, c_full, pbar, p0, "none", bounded, bootstrap, seed)[m]
                 for m, xy in pts.items()}
-    return _fit_group(pts, c_full, pbar, share, bounded, bootstrap, seed)
+    return _fit_group(pts, c_full, pbar, p0, share, bounded, bootstrap, seed)
 
 
-def _layout(methods: list[str], pbar_fixed: bool, share: str) -> list[tuple[str, str]]:
+def _layout(methods: list[str], pbar_fixed: bool, p0_fixed: bool, share: str
+            ) -> list[tuple[str, str]]:
     """The parameter vector as (name, method or '*' when shared)."""
     out = []
     if not pbar_fixed:
         out += [("pbar", "*")] if share != "none" else [("pbar", methods[0])]
-    if share == "pbar_p0":
+    if p0_fixed:
+        pass
+    elif share == "pbar_p0":
         out.append(("p0", "*"))
     else:
         out += [("p0", m) for m in methods]
@@ -76,7 +82,7 @@ def _layout(methods: list[str], pbar_fixed: bool, share: str) -> list[tuple[str,
     return out
 
 
-def _solve(pts, c_full, pbar, layout, bounded, x0=None):
+def _solve(pts, c_full, pbar, p0, layout, bounded, x0=None):
     methods = list(pts)
     c = np.concatenate([pts[m][0] for m in methods])
     p = np.concatenate([pts[m][1] for m in methods])
@@ -89,6 +95,8 @@ def _solve(pts, c_full, pbar, layout, bounded, x0=None):
                 v[name][m] = val
         if pbar is not None:
             v["pbar"] = dict.fromkeys(methods, pbar)
+        if p0 is not None:
+            v["p0"] = dict.fromkeys(methods, p0)
         return v
 
     def resid(x):
@@ -100,16 +108,16 @@ def _solve(pts, c_full, pbar, layout, bounded, x0=None):
         return pred - p
 
     if x0 is None:
-        hi, lo = float(p.max()), float(p.min())
-        start = {"pbar": hi + 0.1 * (hi - lo + 1e-9), "p0": lo, "lam": 1.0}
-        x0 = np.array([start[name] for name, _ in layout])
+        x0 = _start(c / c_full, p, p0, layout)
     if bounded:
-        lb = np.array([0.0 if name in ("lam", "p0") else -np.inf for name, _ in layout])
-        # P0 ≤ P̄ is kept by bounding P0 below the largest plausible P̄ (the fixed one, or
-        # the data's maximum when P̄ is fitted) and P̄ above the data's minimum
+        # P0 ≥ 0 only for a metric that cannot be negative; P0 ≤ P̄ is kept by bounding P0
+        # below the fixed P̄ (if any) and P̄ above the data's minimum and the fixed P0
+        p0_lo = 0.0 if p.min() >= 0 and (p0 is None or p0 >= 0) else -np.inf
+        lb = np.array([{"lam": 0.0, "p0": p0_lo}.get(name, -np.inf) for name, _ in layout])
         top = pbar if pbar is not None else np.inf
         ub = np.array([top if name == "p0" else np.inf for name, _ in layout])
-        lb = np.array([float(p.min()) if name == "pbar" else b
+        floor = float(p.min()) if p0 is None else max(float(p.min()), p0)
+        lb = np.array([floor if name == "pbar" else b
                        for (name, _), b in zip(layout, lb, strict=True)])
         with np.errstate(invalid="ignore"):
             lo_in = np.where(np.isfinite(lb), lb + 1e-6 * (np.abs(lb) + 1), -np.inf)
@@ -121,9 +129,22 @@ def _solve(pts, c_full, pbar, layout, bounded, x0=None):
     return sol.x, unpack(sol.x), resid(sol.x), p, owner
 
 
-def _fit_group(pts, c_full, pbar, share, bounded, bootstrap, seed) -> dict[str, Fit]:
+def _start(x: np.ndarray, p: np.ndarray, p0: float | None, layout) -> np.ndarray:
+    """A start the solver converges from: P0 at (or below) the data, P̄ above it, and λ from
+    the mean slope of the data over compute (the curve's initial slope is (P̄ − P0)·λ)."""
+    hi, lo = float(p.max()), float(p.min())
+    spread = hi - lo + 1e-9
+    base = p0 if p0 is not None else lo - 0.5 * spread
+    pbar = max(hi, base) + spread
+    slope = np.polyfit(x, p, 1)[0] if len(x) > 1 and np.ptp(x) > 0 else 0.0
+    lam = float(np.clip(slope / (pbar - base), 1e-3, 1e3)) if slope > 0 else 1.0
+    start = {"pbar": pbar, "p0": base, "lam": lam}
+    return np.array([start[name] for name, _ in layout])
+
+
+def _fit_group(pts, c_full, pbar, p0, share, bounded, bootstrap, seed) -> dict[str, Fit]:
     methods = list(pts)
-    layout = _layout(methods, pbar is not None, share)
+    layout = _layout(methods, pbar is not None, p0 is not None, share)
     for m in methods:
         free = sum(1 for _, who in layout if who in (m, "*")) if share == "none" else 1
         if len(pts[m][0]) < free:
@@ -133,7 +154,7 @@ def _fit_group(pts, c_full, pbar, share, bounded, bootstrap, seed) -> dict[str, 
     if sum(len(c) for c, _ in pts.values()) < len(layout):
         raise CcdsError(f"{sum(len(c) for c, _ in pts.values())} runs cannot fit "
                         f"{len(layout)} parameters", None, "add runs or share parameters")
-    x, v, res, p, owner = _solve(pts, c_full, pbar, layout, bounded)
+    x, v, res, p, owner = _solve(pts, c_full, pbar, p0, layout, bounded)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(bootstrap):
@@ -143,7 +164,7 @@ def _fit_group(pts, c_full, pbar, share, bounded, bootstrap, seed) -> dict[str, 
             idx = rng.integers(0, len(c_m), len(c_m))
             sample[m] = (c_m[idx], p_m[idx])
         try:
-            boots.append(_solve(sample, c_full, pbar, layout, bounded, x0=x.copy())[1])
+            boots.append(_solve(sample, c_full, pbar, p0, layout, bounded, x0=x.copy())[1])
         except (ValueError, np.linalg.LinAlgError):
             continue
     fits = {}
@@ -159,7 +180,8 @@ def _fit_group(pts, c_full, pbar, share, bounded, bootstrap, seed) -> dict[str, 
                 intervals[name] = (float(np.percentile(vals, 2.5)),
                                    float(np.percentile(vals, 97.5)))
         shared = ([] if share == "none" else ["pbar"] + (["p0"] if share == "pbar_p0" else []))
+        shared += ["pbar (fixed)"] if pbar is not None else []
+        shared += ["p0 (fixed: zero-shot)"] if p0 is not None else []
         fits[m] = Fit(m, float(v["pbar"][m]), float(v["p0"][m]), float(v["lam"][m]), c_full,
-                      int((owner == i).sum()), r2, r.tolist(), intervals,
-                      shared + (["pbar (fixed)"] if pbar is not None else []))
+                      int((owner == i).sum()), r2, r.tolist(), intervals, shared)
     return fits

@@ -34,7 +34,11 @@ def load_points(runs: list[dict], convention: str) -> dict[tuple[str, str], list
 
 
 def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
-            convention: str = "ccds", bootstrap: int = 200) -> dict:
+            convention: str = "ccds", bootstrap: int = 200, p0: str = "measured") -> dict:
+    """p0: "measured" fixes each group's P0 to the zero-shot performance the sweep recorded
+    (fitted when there is none), "fit" always fits it."""
+    if p0 not in ("measured", "fit"):
+        raise CcdsError(f"unknown P0 mode '{p0}'", None, "use measured or fit")
     runs_dir, out = Path(runs_dir), Path(out)
     db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
     if not db.exists():
@@ -47,8 +51,9 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
     write_runs_csv(runs, out / "runs.csv")
     for (target, model), pts in load_points(runs, convention).items():
         c_full = meta[f"c_full/{model}"]["analytic" if convention == "ccds" else "paper"]
+        zero = meta.get(f"zero_shot/{target}/{model}") if p0 == "measured" else None
         g = analyze_group(target, model, pts, c_full, share, bootstrap,
-                          meta[f"c_full/{model}"])
+                          meta[f"c_full/{model}"], zero["perf"] if zero else None)
         g["overlap"] = overlaps([r for r in runs if r["target"] == target
                                  and r["model"] == model])
         g["plots"] = plot_group(g, pts, out, c_full)
@@ -59,9 +64,10 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
     return report
 
 
-def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta) -> dict:
+def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta,
+                  zero_shot: float | None = None) -> dict:
     g: dict = {"target": target, "model": model, "c_full": c_full, "runs": len(pts),
-               "fits": {}, "fit_error": None, "methods": {}}
+               "zero_shot": zero_shot, "fits": {}, "fit_error": None, "methods": {}}
     methods = sorted({p.method for p in pts})
     n_params = full_meta["params"]["non_embedding"]
     g["c_full_k"] = c_full / (n_params * full_meta["pool_tokens"])  # C_full / (N · T_pool)
@@ -71,7 +77,8 @@ def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta) -> di
                            "k": float(np.mean([p.selection for p in mine]))
                            / (n_params * full_meta["pool_tokens"])}
     try:
-        fits = fit_methods(group(pts), c_full, share=share, bootstrap=bootstrap)
+        fits = fit_methods(group(pts), c_full, share=share, p0=zero_shot,
+                           bootstrap=bootstrap)
         g["fits"] = {m: f.to_dict() for m, f in fits.items()}
     except CcdsError as e:
         g["fit_error"] = str(e)
@@ -86,7 +93,8 @@ def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta) -> di
         for m in methods:
             if g["methods"][m]["selection_share"] > 0.01:
                 try:
-                    g["break_even"][m] = break_even(pts, m, c_full, share=share)
+                    g["break_even"][m] = break_even(pts, m, c_full, share=share,
+                                                    p0=zero_shot)
                 except CcdsError as e:
                     g["break_even"][m] = f"not computable: {e}"
     return g
@@ -141,6 +149,8 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
         xs = [p["training"] if training_only else p["selection"] + p["training"] for p in fr]
         ax.step(xs + [max(xs) * 1.2], [p["perf"] for p in fr] + [fr[-1]["perf"]], where="post",
                 color="k", lw=1.5, ls="--", label="frontier", zorder=2)
+        if g.get("zero_shot") is not None:
+            ax.axhline(g["zero_shot"], color="grey", lw=1, ls=":", label="zero-shot (P0)")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs" if training_only else "selection + training FLOPs")
         ax.set_title("fixed training budget (selection free)" if training_only
@@ -207,7 +217,9 @@ def markdown(report: dict) -> str:
              f"FLOPs convention: {report['convention']}; fits share: {report['share']}.", ""]
     for g in report["groups"]:
         lines += [f"## {g['target']} — {g['model']}", "",
-                  f"{g['runs']} runs; full training C_full = {g['c_full']:.3e} FLOPs.", ""]
+                  f"{g['runs']} runs; full training C_full = {g['c_full']:.3e} FLOPs."
+                  + (f" Zero-shot P = {g['zero_shot']:.4g} (the fits' P0)."
+                     if g.get("zero_shot") is not None else ""), ""]
         if g["fit_error"]:
             lines += [f"Fit: {g['fit_error']}", ""]
         else:
