@@ -18,6 +18,7 @@ from pathlib import Path
 
 from _runs import Runner
 
+from ccds.analyse.composition import composition, plot_composition
 from ccds.data.formats import load_examples, write_examples
 from ccds.data.pool import build_pool
 from ccds.data.sources import load_target
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
           flush=True)
     results = {"base": runner.base(), "runs": []}
     fractions = [float(f) for f in args.fractions.split(",")]
+    subsets: dict = {}
     for label in args.methods.split(","):
         name, params = METHODS[label]
         method = get_method(name, seed=args.seed, **params)
@@ -77,9 +79,16 @@ def main(argv=None) -> int:
             if method.order == "given":
                 idx = method.train_order(pool, idx, Context(runtime=runner.rt))
             r = runner.run(f"{label}-{f:g}", idx, ["gsm8k"], sel, order=method.order)
+            if f == fractions[0] and label in ("random", "s2l", "facility_location",
+                                               "learnability"):
+                subsets[label] = [pool[i] for i in idx]
             results["runs"].append({"method": label, "fraction": f,
                                     "cost_estimate": method.cost(pool, None),
                                     "selection": scores.stage.to_dict(), "run": r})
+    comp = composition(pool, subsets, depth=2, top=10)
+    plot_composition(comp, args.out / "s2l-composition.png",
+                     f"GSM8K target: what each method's {fractions[0]:.0%} is made of")
+    results["composition"] = comp
     results.update(runner.meta(fractions=fractions))
     write_json(args.out / "s2l.json", results)
     write_text(args.out / "s2l.md", markdown(results))
@@ -111,7 +120,43 @@ def markdown(r: dict) -> str:
                      f"| {share:.0%} | {sel['analytic_flops']:.2e} | {sel['wall_s']:.0f} | "
                      f"{sel['detail'].get('proxy', {}).get('train_wall_s', 0):.0f} | "
                      f"{tr['wall_s']:.0f} | {ev['nll']:.3f} | {ev['primary']:.3f} |")
-    return "\n".join(lines) + "\n"
+    s2l = next((x["selection"]["detail"] for x in r["runs"] if x["method"] == "s2l"), {})
+    if "purity" in s2l:
+        lines += ["", f"S2L's {s2l['clusters']} trajectory clusters: purity by source "
+                  f"{s2l['purity']['depth1']:.2f} (dataset) / {s2l['purity']['depth2']:.2f} "
+                  "(task); 1 = each cluster holds one source."]
+    lines += ["", "![composition](s2l-composition.png)"]
+    return "\n".join(lines + [""] + comparisons(r)) + "\n"
+
+
+def comparisons(r: dict) -> list[str]:
+    """Each method against random at the same fraction, S2L against facility location's
+    cost, and S2L's result against its trajectory length: computed, not hand-written."""
+    def ev(row):
+        return row["run"]["eval"]["gsm8k"]
+
+    rand = {row["fraction"]: ev(row) for row in r["runs"] if row["method"] == "random"}
+    out = ["Against random of the same size (Δ T NLL: lower is better; Δ exact match: higher; "
+           f"one GSM8K question is {1 / r['targets']['gsm8k']['test']:.1%} of T):", ""]
+    for row in r["runs"]:
+        if row["method"] != "random" and row["fraction"] in rand:
+            e, base = ev(row), rand[row["fraction"]]
+            out.append(f"- {row['method']} at {row['fraction']:.0%}: Δ NLL "
+                       f"{e['nll'] - base['nll']:+.3f}, Δ EM {e['primary'] - base['primary']:+.3f}")
+    sel = {row["method"]: row["selection"] for row in r["runs"]}
+    if "s2l" in sel and "facility_location" in sel:
+        a, b = sel["s2l"], sel["facility_location"]
+        out += ["", f"Selection cost, S2L vs facility location: {a['analytic_flops']:.3g} vs "
+                f"{b['analytic_flops']:.3g} FLOPs; the step after the shared proxy work: "
+                f"{a['detail'].get('select_wall_s', float('nan')):.2f} s vs "
+                f"{b['detail'].get('select_wall_s', float('nan')):.2f} s."]
+    first = min(rand) if rand else None
+    ts = [(row["method"], ev(row)) for row in r["runs"]
+          if row["method"].startswith("s2l") and row["fraction"] == first]
+    if len(ts) > 1:
+        out += ["", f"S2L against trajectory length at {first:.0%}: " + ", ".join(
+            f"{m} NLL {e['nll']:.3f} / EM {e['primary']:.3f}" for m, e in ts) + "."]
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ccds.analyse.frontier import (
     joins_frontier,
     overlap,
 )
+from ccds.analyse.runs import unsaturated
 from ccds.errors import CcdsError
 
 
@@ -64,6 +65,11 @@ def test_fit_of_a_negative_metric_with_measured_zero_shot():
             assert lo < hi  # a real spread, not a solver stuck on a bound
     fixed = fit_methods(pts, c_full, share="pbar", p0=p0, bootstrap=0)
     assert all(f.p0 == p0 and "p0 (fixed: zero-shot)" in f.shared for f in fixed.values())
+    # points on a straight line: the ceiling runs away and the report says so
+    line = {"lin": (np.array([1.0, 2, 3, 4]) * 1e12, p0 + 0.02 * np.arange(1, 5))}
+    f = fit_methods(line, c_full, p0=p0, bootstrap=0)["lin"]
+    assert unsaturated(f.to_dict(), float(line["lin"][1].max()))
+    assert not any(unsaturated(f.to_dict(), float(pts[m][1].max())) for m, f in fixed.items())
 
 
 def test_too_few_points_is_a_clear_error():

@@ -343,14 +343,14 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
                 p0: Annotated[str, Opt(help="measured (P0 = the sweep's zero-shot run) or "
                                             "fit")] = "measured"):
     """Fit P(C) per method, draw frontiers, find break-even ratios, write the report."""
-    from .analyse.runs import analyze
+    from .analyse.runs import analyze, run_label
 
     if convention not in ("ccds", "paper"):
         raise CcdsError(f"unknown convention '{convention}'", None, "use ccds or paper")
     out = out or runs / "report"
     report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0)
     for g in report["groups"]:
-        fr = ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in g["frontier"])
+        fr = ", ".join(map(run_label, g["frontier"]))
         typer.echo(f"{g['target']} / {g['model']}: {g['runs']} runs; frontier: {fr}")
         if g["fit_error"]:
             typer.echo(f"  fit: {g['fit_error']}")

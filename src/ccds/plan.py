@@ -135,7 +135,7 @@ def explain(options: list[Option], ruled_out: list[tuple[str, str]], budget: flo
             f"budget) and training {best.training_flops:.3g}, for a predicted "
             f"{best.predicted:.2f}")
     if best.interval:
-        text += f" ({best.interval[0]:.2f}–{best.interval[1]:.2f})"
+        text += f" [{best.interval[0]:.2f}, {best.interval[1]:.2f}]"
     text += "."
     if len(options) > 1:
         ru = options[1]

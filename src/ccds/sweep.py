@@ -222,4 +222,5 @@ def _zero_shot(store, model, tok, target, cfg: SweepConfig, rt, model_name: str,
                   progress=None)
     store.set_meta(name, {"key": key, "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
                           "eval": {k: v for k, v in ev.items() if k != "samples"},
-                          "flops": ledger.stages[0].analytic_flops})
+                          "flops": ledger.stages[0].analytic_flops,
+                          "wall_s": ledger.stages[0].wall_s})

@@ -73,7 +73,8 @@ def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta,
     g["c_full_k"] = c_full / (n_params * full_meta["pool_tokens"])  # C_full / (N · T_pool)
     for m in methods:
         mine = [p for p in pts if p.method == m]
-        g["methods"][m] = {"selection_share": float(np.mean([p.selection for p in mine])) / c_full,
+        g["methods"][m] = {"best": max(p.perf for p in mine),
+                           "selection_share": float(np.mean([p.selection for p in mine])) / c_full,
                            "k": float(np.mean([p.selection for p in mine]))
                            / (n_params * full_meta["pool_tokens"])}
     try:
@@ -202,6 +203,19 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
     return files
 
 
+def unsaturated(fit: dict, best: float) -> bool:
+    """A fitted ceiling over three times the method's observed gain above P0: the data
+    never bends, so P̄ and λ trade off freely."""
+    return fit["pbar"] - fit["p0"] > 3 * max(best - fit["p0"], 1e-12)
+
+
+def run_label(p: dict) -> str:
+    """'bm25 5.0%', with the seed when the run has siblings (random's seeds)."""
+    seed = p.get("run", "").rsplit("/", 1)[-1]
+    return f"{p['method']} {p['fraction']:.1%}" + (f" (seed {seed})" if seed not in ("", "0")
+                                                   else "")
+
+
 def _save(fig, path: Path) -> str:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -225,16 +239,23 @@ def markdown(report: dict) -> str:
         else:
             lines += ["| method | λ (per C_full) | λ 95% | P0 | P̄ | R² | selection / C_full |",
                       "|---|---|---|---|---|---|---|"]
+            loose = []
             for m, f in g["fits"].items():
                 iv = f["intervals"].get("lam")
+                if unsaturated(f, g["methods"][m]["best"]):
+                    loose.append(m)
                 lines.append(f"| {m} | {f['lam']:.3g} | "
                              f"{'—' if not iv else f'{iv[0]:.3g}–{iv[1]:.3g}'} | "
                              f"{f['p0']:.4g} | {f['pbar']:.4g} | {f['r2']:.3f} | "
                              f"{g['methods'][m]['selection_share']:.3g} |")
             lines.append("")
-        fr = ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in g["frontier"])
+            if loose:
+                lines += [f"P̄ not identified for {', '.join(loose)}: their runs show no "
+                          "saturation, so the fit is a line and only the initial slope "
+                          "(P̄ − P0)·λ is meaningful; add larger fractions, or share P̄.", ""]
+        fr = ", ".join(map(run_label, g["frontier"]))
         lines += [f"Compute-optimal frontier (runs): {fr}.", ""]
-        fr2 = ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in g["frontier_training_only"])
+        fr2 = ", ".join(map(run_label, g["frontier_training_only"]))
         lines += [f"Frontier ignoring selection cost: {fr2}.", ""]
         if g.get("fitted_frontier_methods"):
             lines += ["Fitted frontier made of: " + ", ".join(g["fitted_frontier_methods"]) + ".",

@@ -14,6 +14,8 @@ checks they agree), so one scoring serves every fraction.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from pydantic import Field
 
@@ -39,6 +41,7 @@ class S2L(proxy.ProxyMethod):
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         p = self.params
         traj = proxy.trajectories(p, pool, ctx, meter)
+        t0 = time.perf_counter()
         ok = np.isfinite(traj.loss).all(axis=1)  # no response token: never selected
         labels = np.full(len(pool), -1)
         groups = ([np.flatnonzero(ok)] if not p.by_source else
@@ -60,6 +63,7 @@ class S2L(proxy.ProxyMethod):
         order = balanced_order(labels[ok], p.seed)
         scores = np.full(len(pool), -np.inf)
         scores[np.flatnonzero(ok)[order]] = -np.arange(len(order), dtype=np.float64)
+        meter.stage.detail["select_wall_s"] = time.perf_counter() - t0  # after the proxy work
         return scores
 
 

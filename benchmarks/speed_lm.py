@@ -1,0 +1,204 @@
+"""Speed of the language-model passes (issue 6) against this machine's measured peak and
+against the reference style, in one run:
+
+- loss / perplexity scoring of a real pool with SmolLM2-135M: ccds's `score_sequences`
+  (length-bucketed batches, bf16 autocast, LM head only at response positions; what
+  `ccds score ppl` and every loss-based method run) vs one example at a time in fp32 with
+  full logits (the S2L and CCDS reference code); MFU against the bf16 peak, same scores;
+- LESS per-example LoRA gradients: one backward per batch (ccds) vs one backward per example,
+  equal features (cosine);
+- LoRA training of SmolLM2-135M: tokens/s and MFU.
+
+MFU = model FLOPs (ccds convention, real tokens only, padding not counted) / wall time /
+the bf16 matmul peak measured in the same run.
+
+    .venv/bin/python benchmarks/speed_lm.py            # ~15 min on the 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from peak import peak
+from scipy.stats import spearmanr
+
+from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
+from ccds.flops import Ledger, encoded_work, forward_flops
+from ccds.io import write_json, write_text
+from ccds.lm import response_nll, score_sequences
+from ccds.models import load_causal_lm, param_counts, pick_runtime
+from ccds.score.less import lora_names, per_example_grads
+from ccds.tokenize import collate, encode
+from ccds.train import TrainConfig, add_lora, train
+
+
+def real_pool(n: int, seed: int = 0):
+    """A mixed pool of real examples (GSM8K train, Alpaca, BIG-bench), lengths as they come."""
+    docs = load_gsm8k() + load_alpaca() + load_bigbench()
+    idx = np.random.default_rng(seed).choice(len(docs), n, replace=False)
+    return [docs[i] for i in idx]
+
+
+def bench_scoring(model, tok, pool, n_ref: int, peak_bf16: float) -> dict:
+    bf16 = pick_runtime(dtype="bf16")
+    enc = encode(pool, tok, 512)
+    counts = param_counts(model)
+    flops = forward_flops(counts, encoded_work(enc))
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        s = score_sequences(model, enc, tok.pad_token_id, bf16, max_tokens=8192)
+        times.append(time.perf_counter() - t)
+    ours = s["nll_sum"] / np.maximum(s["n_tokens"], 1)
+
+    # the reference: one example at a time, fp32, logits over the whole sequence
+    sub = encode(pool[:n_ref], tok, 512)
+    ref = np.zeros(n_ref)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(n_ref):
+            ids = torch.as_tensor(sub.ids[i], dtype=torch.long)[None]
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            k = int(sub.response_lengths[i] - sub.n_suffix[i])  # response, not end-of-turn
+            lo = int(sub.n_prompt[i]) - 1  # logits at p predict token p + 1
+            ref[i] = nll[lo:lo + k].mean().item()
+    t_ref = time.perf_counter() - t
+    ref_flops = forward_flops(counts, encoded_work(sub))
+    ours_tps = enc.lengths.sum() / np.median(times)
+    ref_tps = sub.lengths.sum() / t_ref
+    rel = np.abs(ours[:n_ref] - ref) / np.abs(ref)
+    return {"examples": len(pool), "tokens": int(enc.lengths.sum()), "model_flops": flops,
+            "ccds_s": {"min": min(times), "median": float(np.median(times)),
+                       "max": max(times), "repeats": len(times)},
+            "ccds_tokens_per_s": float(ours_tps), "ccds_gflops": flops / np.median(times) / 1e9,
+            "mfu_bf16": flops / np.median(times) / 1e9 / peak_bf16,
+            "reference_examples": n_ref, "reference_s": t_ref,
+            "reference_tokens_per_s": float(ref_tps),
+            "reference_gflops": ref_flops / t_ref / 1e9,
+            "speedup": float(ours_tps / ref_tps),
+            "max_rel_diff": float(rel.max()), "median_rel_diff": float(np.median(rel)),
+            "spearman": float(spearmanr(ours[:n_ref], ref).statistic)}
+
+
+def bench_less(model, tok, pool) -> dict:
+    peft = add_lora(model, TrainConfig(lora_r=8, lora_alpha=32, lora_dropout=0.0))
+    with torch.no_grad():  # a warmed-up adapter: LoRA B is not zero
+        g = torch.Generator().manual_seed(0)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    names = lora_names(peft)
+    params = dict(peft.named_parameters())
+    enc = encode(pool, tok, 512)
+    from ccds.tokenize import length_batches
+
+    out = {"examples": len(pool), "lora_params": int(sum(params[n].numel() for n in names))}
+    for dtype in ("bf16", "fp32"):
+        rt = pick_runtime(dtype=dtype)
+        feats = torch.zeros(len(pool), out["lora_params"])
+        t = time.perf_counter()
+        for index in length_batches(enc.lengths, 2048):
+            feats[index] = per_example_grads(peft, collate(enc, index, tok.pad_token_id),
+                                             names, rt)
+        out[f"batched_{dtype}_s"] = time.perf_counter() - t
+        out[f"_feats_{dtype}"] = feats
+    ref = torch.zeros_like(out["_feats_fp32"])
+    peft.eval()
+    t = time.perf_counter()
+    for i in range(len(pool)):  # the reference loop: one backward per example, fp32
+        peft.zero_grad()
+        nll, n = response_nll(peft, collate(enc, np.array([i]), tok.pad_token_id), suffix=True)
+        (nll / n).sum().backward()
+        ref[i] = torch.cat([params[nm].grad.flatten() for nm in names])
+    out["loop_fp32_s"] = time.perf_counter() - t
+    peft.zero_grad(set_to_none=True)
+    for dtype in ("bf16", "fp32"):
+        cos = torch.nn.functional.cosine_similarity(out.pop(f"_feats_{dtype}"), ref, dim=1)
+        out[f"cosine_{dtype}_min"] = float(cos.min())
+        out[f"speedup_{dtype}"] = out["loop_fp32_s"] / out[f"batched_{dtype}_s"]
+    peft.unload()
+    return out
+
+
+def bench_training(model, tok, pool, peak_bf16: float) -> dict:
+    cfg = TrainConfig(epochs=1, lr=2e-4, batch_tokens=2048, max_len=512)
+    ledger = Ledger()
+    t = time.perf_counter()
+    res = train(pool, cfg, model=model, tokenizer=tok, runtime=pick_runtime(dtype="bf16"),
+                ledger=ledger, progress=None)
+    wall = time.perf_counter() - t
+    res.model.unload()
+    stage = ledger.stages[0]
+    return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall,
+            "tokens_per_s": res.tokens / wall, "model_flops": stage.analytic_flops,
+            "gflops": stage.analytic_flops / wall / 1e9,
+            "mfu_bf16": stage.analytic_flops / wall / 1e9 / peak_bf16}
+
+
+def markdown(r: dict) -> str:
+    s, g, t = r["scoring"], r["less"], r["training"]
+    return "\n".join([
+        "# Language-model passes: MFU and speed beside the reference style", "",
+        f"Command: `{r['command']}` — {r['date']}, {r['machine']}, {r['wall_s'] / 60:.1f} min.",
+        f"Peak measured in this run: fp32 {r['peak']['fp32_gflops']:.0f}, bf16 "
+        f"{r['peak']['bf16_gflops']:.0f} GFLOP/s (2048² matmul). MFU counts real tokens' model "
+        "FLOPs (ccds convention), not padding.", "",
+        "| pass | size | ccds | reference | speedup | MFU (bf16 peak) | target | agreement |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| loss scoring, SmolLM2-135M | {s['examples']} real examples, {s['tokens']:,} tokens "
+        f"| {s['ccds_tokens_per_s']:,.0f} tok/s ({s['ccds_gflops']:.0f} GFLOP/s) "
+        f"| {s['reference_tokens_per_s']:,.0f} tok/s (1 at a time, fp32, "
+        f"{s['reference_examples']} ex) | {s['speedup']:.1f}x | {s['mfu_bf16']:.0%} "
+        f"| ≥ 5x, MFU ≥ 50% | per-example NLL rel. diff median {s['median_rel_diff']:.1e}, "
+        f"max {s['max_rel_diff']:.1e}; Spearman {s['spearman']:.4f} |",
+        f"| LESS per-example LoRA gradients | {g['examples']} examples, {g['lora_params']:,} "
+        f"LoRA params | batched bf16 {g['batched_bf16_s']:.1f} s, fp32 "
+        f"{g['batched_fp32_s']:.1f} s | loop fp32 {g['loop_fp32_s']:.1f} s "
+        f"| {g['speedup_bf16']:.1f}x (bf16), {g['speedup_fp32']:.1f}x (fp32) | — | ≥ 4x, "
+        f"cosine ≥ 0.999 | min cosine bf16 {g['cosine_bf16_min']:.5f}, fp32 "
+        f"{g['cosine_fp32_min']:.6f} |",
+        f"| LoRA training, SmolLM2-135M | {t['examples']} examples, {t['tokens']:,} tokens | "
+        f"{t['tokens_per_s']:,.0f} tok/s ({t['gflops']:.0f} GFLOP/s) | — | — | "
+        f"{t['mfu_bf16']:.0%} | MFU ≥ 40% | — |", ""])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--pool", type=int, default=1000)
+    ap.add_argument("--reference", type=int, default=100)
+    ap.add_argument("--less", type=int, default=48)
+    ap.add_argument("--train", type=int, default=300)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    r = {"command": "python benchmarks/speed_lm.py " + " ".join(sys.argv[1:]),
+         "date": str(date.today()),
+         "machine": f"{platform.processor() or platform.machine()}, "
+                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+         "peak": {"fp32_gflops": peak(torch.float32), "bf16_gflops": peak(torch.bfloat16)}}
+    print(r["peak"], flush=True)
+    model, tok, _ = load_causal_lm("smollm2-135m")
+    pool = real_pool(args.pool)
+    r["scoring"] = bench_scoring(model, tok, pool, args.reference, r["peak"]["bf16_gflops"])
+    print(r["scoring"], flush=True)
+    r["less"] = bench_less(model, tok, pool[: args.less])
+    print(r["less"], flush=True)
+    r["training"] = bench_training(model, tok, pool[: args.train], r["peak"]["bf16_gflops"])
+    print(r["training"], flush=True)
+    r["wall_s"] = time.perf_counter() - t0
+    write_json(args.out / "speed_lm.json", r)
+    write_text(args.out / "speed_lm.md", markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
