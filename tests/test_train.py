@@ -59,8 +59,12 @@ def test_checkpoints_hold_adapter_and_adam_moments(tiny, tmp_path):
     assert 0 < state["mean_lr"] <= 1e-2
     moments = load_file(str(r.checkpoints[-1] / "optimizer.safetensors"))
     names = [n for n, p in r.model.named_parameters() if p.requires_grad]
-    assert {f"{n}.exp_avg" for n in names} | {f"{n}.exp_avg_sq" for n in names} == set(moments)
+    from ccds.train import RNG_KEY
+
+    assert ({f"{n}.exp_avg" for n in names} | {f"{n}.exp_avg_sq" for n in names} | {RNG_KEY}
+            == set(moments))
     assert all((moments[f"{n}.exp_avg_sq"] >= 0).all() for n in names)
+    assert state["run_key"] and len(state["losses"]) == state["step"]
     # the adapter reloads onto a fresh base model and reproduces the trained model's loss
     from ccds.lm import response_nll
     from ccds.models import load_causal_lm
@@ -135,7 +139,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
     write_examples(_examples(40), data)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("epochs: 2\nlr: 0.01\nbatch_tokens: 256\nmax_batch: 4\ngrad_accum: 2\n"
-                   "lora_dropout: 0.0\nwarmup_ratio: 0.1\n")
+                   "lora_dropout: 0.0\nwarmup_ratio: 0.1\ndtype: fp32\n")
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists() and not shutil.which("torchrun"):
         pytest.skip("torchrun not installed")
@@ -154,3 +158,84 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, tmp_path)
     assert np.allclose(a["losses"], b["losses"], atol=1e-4)
     assert a["stage"]["analytic_flops"] == b["stage"]["analytic_flops"]
     assert a["stage"]["tokens"] == b["stage"]["tokens"]
+
+
+def test_resume_in_process_is_bit_identical(tiny_model_dir, tmp_path):
+    """Training stopped after a checkpoint and started again ends with the same adapter."""
+    from ccds.models import load_causal_lm
+
+    cfg = _cfg(epochs=2, checkpoints=4, dtype="fp32", lora_dropout=0.1)
+    model, tok, _ = load_causal_lm(str(tiny_model_dir))
+    ref = train(_examples(), cfg, model=model, tokenizer=tok, out=tmp_path / "ref", progress=None)
+    # a run that "died" after its second checkpoint: keep only checkpoints 1-2 of the reference
+    import shutil
+
+    cks = sorted((tmp_path / "ref").glob("checkpoint-*"))
+    for ck in cks[:2]:
+        shutil.copytree(ck, tmp_path / "k" / ck.name)
+    model, tok, _ = load_causal_lm(str(tiny_model_dir))
+    again = train(_examples(), cfg, model=model, tokenizer=tok, out=tmp_path / "k", progress=None)
+    assert again.stage.detail["resumed_at_step"] == json.loads(
+        (cks[1] / "state.json").read_text())["step"] > 0
+    assert again.losses == ref.losses and again.tokens == ref.tokens
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.stage.analytic_flops == ref.stage.analytic_flops
+    # another run's checkpoints (different seed) are never picked up
+    model, tok, _ = load_causal_lm(str(tiny_model_dir))
+    other = train(_examples(), cfg.model_copy(update={"seed": 1}), model=model, tokenizer=tok,
+                  out=tmp_path / "k", progress=None)
+    assert other.stage.detail["resumed_at_step"] == 0
+
+
+@pytest.mark.slow
+def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+    """`ccds train` killed with SIGKILL at random moments, again and again, then run to the
+    end: the adapter equals an uninterrupted run's, bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ccds.data.formats import write_examples
+
+    write_examples(_examples(240), tmp_path / "pool.jsonl")
+
+    def start(out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "ccds", "train", "--data", str(tmp_path / "pool.jsonl"),
+             "--out", str(out), "--model", str(tiny_model_dir), "--epochs", "3", "--lr", "0.01",
+             "--checkpoints", "12", "--dtype", "fp32"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "CCDS_PROGRESS": "0"})
+
+    p = start(tmp_path / "ref")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    rng = random.Random(0)
+
+    def saved():
+        return len(list((tmp_path / "k").glob("checkpoint-*")))
+
+    kills, seen = 0, []
+    while True:  # kill a little after 1-3 more checkpoints land, until a run gets through
+        p, goal = start(tmp_path / "k"), saved() + rng.randint(1, 3)
+        while p.poll() is None and saved() < goal:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        seen.append(saved())
+    assert p.returncode == 0, p.stderr.read()
+    assert sum(s < 12 for s in seen) >= 3 and seen == sorted(seen), (kills, seen)
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref, got = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("ref", "k"))
+    assert got["losses"] == ref["losses"]
+    assert got["stage"]["analytic_flops"] == ref["stage"]["analytic_flops"]

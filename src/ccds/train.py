@@ -4,7 +4,9 @@ A deliberately plain loop: length-grouped micro-batches (shuffled in order), gra
 accumulation with the loss averaged over every response token of the optimizer step,
 AdamW, warmup then linear/cosine decay, autocast where the hardware is fast at it.
 Checkpoints hold the adapter and the AdamW moments in safetensors, because LESS builds its
-gradient features from exactly those moments. Multi-GPU: wrap the same loop with
+gradient features from exactly those moments; with the RNG state and the step they also let
+a killed run (`out` given) resume from its last checkpoint and end bit-identical to an
+uninterrupted one. Multi-GPU: wrap the same loop with
 `accelerate launch` (see README); here it runs on one device.
 """
 
@@ -27,7 +29,7 @@ from pydantic import BaseModel, Field
 from .data.types import Example
 from .errors import CcdsError
 from .flops import Ledger, Meter, Stage
-from .io import atomic_dir, write_json
+from .io import atomic_dir, stable_hash, write_json
 from .lm import response_nll
 from .models import Runtime, load_causal_lm, param_counts, pick_runtime
 from .progress import bar
@@ -160,6 +162,10 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(steps)))
     save_at = {round(len(steps) * (i + 1) / cfg.checkpoints) for i in range(cfg.checkpoints)}
+    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops"}), counts_key(model),
+                          [(e.id, e.prompt, e.response) for e in examples])
+    resumed = (_resume(Path(out), run_key, model, opt, sched, named)
+               if out is not None and cfg.lora and cfg.save_optimizer else None)
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     main = rank == 0
     counts = param_counts(model)
@@ -170,11 +176,23 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     model.train()
     pad = tokenizer.pad_token_id
     result = TrainResult(plain, tokenizer, 0, 0, [], [], encoding=enc.summary())
+    start = 0
+    if resumed is not None:
+        state, rng = resumed
+        start, result.losses, result.lrs = state["step"], state["losses"], state["lrs"]
+        result.tokens, result.steps = state["tokens"], start
+        torch.set_rng_state(rng)
     meter = Meter("train", "training", counts, cfg.measure_flops, rt.device)
     last_ckpt = 0
     b = bar(len(steps), progress if main else None, unit="step")
     with meter:
         for step, group in enumerate(steps, 1):
+            if step <= start:  # done before the restart: charge its work, do not redo it
+                for ix in group[rank::world]:
+                    meter.lora_step(collate(enc, ix, pad), full=not cfg.lora)
+                b.update()
+                last_ckpt = step
+                continue
             n_tok = sum(int(enc.response_lengths[ix].sum()) for ix in group)
             mine = group[rank::world]
             # a process with no micro-batch this step still joins the gradient all-reduce
@@ -213,7 +231,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                         Path(out) / f"checkpoint-{step:06d}", plain,
                         opt if cfg.save_optimizer else None, named,
                         {"step": step, "epoch": step / len(steps) * cfg.epochs,
-                         "mean_lr": lr_mean}))
+                         "mean_lr": lr_mean, "run_key": run_key, "losses": result.losses,
+                         "lrs": result.lrs, "tokens": result.tokens}))
                 last_ckpt = step
     b.close()
     plain.eval()
@@ -223,6 +242,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
             setattr(stage, f, type(getattr(stage, f) or 0)(_sum(acc, getattr(stage, f) or 0)))
         result.tokens = int(_sum(acc, result.tokens))
     stage.detail = {"steps": result.steps, "examples": len(examples), "processes": world,
+                    "resumed_at_step": start,
                     "encoding": result.encoding, "lora_params": counts["lora"],
                     "final_loss": result.losses[-1] if result.losses else None}
     if ledger is not None:
@@ -267,12 +287,51 @@ def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer | None,
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s:
                 tensors[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
+    tensors[RNG_KEY] = torch.get_rng_state()
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if opt is not None:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     return path
+
+
+RNG_KEY = "__torch_cpu_rng_state__"
+
+
+def counts_key(model) -> list[int]:
+    """What identifies the base model for a resume: its parameter shapes."""
+    return [int(p.numel()) for p in model.parameters()]
+
+
+def _resume(out: Path, run_key: str, model, opt, sched, named):
+    """The latest checkpoint of this very run (same config, model and examples), loaded into
+    the model, the optimizer and the schedule; None if there is none."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = []
+    for ck in out.glob("checkpoint-*"):
+        try:
+            state = json.loads((ck / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("run_key") == run_key and (ck / "optimizer.safetensors").exists():
+            found.append((state["step"], ck, state))
+    if not found:
+        return None
+    step, ck, state = max(found, key=lambda t: t[0])
+    set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
+    t = load_file(str(ck / "optimizer.safetensors"))
+    for name, p in named:
+        opt.state[p] = {"step": torch.tensor(float(step)),
+                        "exp_avg": t[f"{name}.exp_avg"].to(p.device),
+                        "exp_avg_sq": t[f"{name}.exp_avg_sq"].to(p.device)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping the schedule without an optimizer step
+        for _ in range(step):
+            sched.step()
+    return state, t[RNG_KEY]
 
 
 def load_adapter(model, adapter: str | Path):
