@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .data.types import Example, Target
 from .flops import Ledger, Meter
@@ -24,6 +24,7 @@ from .tokenize import Encoded, Formatter, encode_pairs, length_batches
 
 
 class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     shots: int = Field(0, ge=0, description="k-shot prompting from the first k of V")
     max_examples: int | None = Field(None, ge=1, description="cap on T (first n)")
     max_len: int = Field(1024, ge=8)

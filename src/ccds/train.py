@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .data.types import Example
 from .errors import CcdsError
@@ -38,6 +38,8 @@ from .tokenize import Encoded, collate, encode, length_batches, ordered_batches
 
 class TrainConfig(BaseModel):
     """LoRA fine-tuning settings. Defaults suit SmolLM2-135M on a few thousand examples."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting is an error
 
     model: str = "smollm2-135m"
     lora: bool = Field(True, description="LoRA adapters; False trains every weight")
