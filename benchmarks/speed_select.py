@@ -71,7 +71,7 @@ def real_documents(n: int) -> list[Example]:
 
 def bench_bm25(n_docs: int, n_queries: int) -> dict:
     pool = real_documents(n_docs)
-    target = gsm8k_target(n_val=n_queries)  # V: held-out GSM8K train questions
+    target, _ = gsm8k_target(n_val=n_queries)  # V: GSM8K train questions
     method = get_method("bm25")
     ours, t_ours = timed(lambda: run(method, pool, target, ctx=Context(), cache=None), 3)
 
@@ -79,7 +79,8 @@ def bench_bm25(n_docs: int, n_queries: int) -> dict:
         from rank_bm25 import BM25Okapi
 
         bm = BM25Okapi([tokenize(e.prompt) for e in pool], k1=1.5, b=0.75, epsilon=0.25)
-        return np.mean([bm.get_scores(tokenize(q.prompt)) for q in target.val], axis=0)
+        return np.mean([bm.get_scores(tokenize(f"{q.prompt} {q.response}"))  # ccds's query
+                        for q in target.val], axis=0)
 
     ref, t_ref = timed(reference)
     k = len(pool) // 20
