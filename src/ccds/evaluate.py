@@ -141,7 +141,12 @@ def generate(model, tokenizer, prompts: Sequence[str], runtime: Runtime, *,
              shots: Sequence[Example] = (), max_new_tokens: int = 128, batch: int = 16,
              max_len: int = 1024, meter: Meter | None = None,
              progress: str | None = None) -> list[str]:
-    """Greedy decoding in length-sorted, left-padded batches; returns text per prompt."""
+    """Greedy decoding in length-sorted, left-padded batches; returns text per prompt.
+
+    Batches are as wide as `batch` allows whatever the prompt lengths: a decoding step
+    costs about the same for 2 rows as for 64 (it is bound by reading the weights), so
+    prompt padding is cheap and narrow batches are not (narrow batches made it ~7x slower).
+    """
     fmt = Formatter(tokenizer, shots)
     texts = [fmt.render(p, "")[0] for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -150,7 +155,7 @@ def generate(model, tokenizer, prompts: Sequence[str], runtime: Runtime, *,
     stop = {tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))}
     stop.discard(None)
     outputs: list[str] = [""] * len(prompts)
-    batches = length_batches(lengths, 1 << 30, batch)
+    batches = length_batches(lengths, 1 << 30, batch, max_pad=1.0)
     b = bar(len(prompts), progress, unit="ex")
     pad = tokenizer.pad_token_id
     for index in batches:
