@@ -205,3 +205,60 @@ def test_composition_and_purity(tmp_path):
              f"mine={tmp_path / 'sub.jsonl'}", "--out", tmp_path / "comp.png")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "comp.png").stat().st_size > 1000 and "83.3%" in r.stdout
+
+
+@pytest.mark.slow
+def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path):
+    """`ccds score --method s2l` SIGKILLed at random moments (during proxy training and
+    between trajectory columns), again and again, then run to the end: the scores equal an
+    uninterrupted run's exactly, and finished columns are not recomputed."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ccds.data.formats import write_examples
+    from ccds.data.synth import generate
+    from ccds.score.base import read_scores
+
+    write_examples(generate(seed=3, n_pool=300)[0], tmp_path / "pool.jsonl")
+
+    def start(name):
+        return subprocess.Popen(
+            [sys.executable, "-m", "ccds", "score", "--pool", str(tmp_path / "pool.jsonl"),
+             "--method", "s2l", "--param", "k=8", "--out", str(tmp_path / f"{name}.parquet")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "CCDS_CACHE": str(tmp_path / f"cache-{name}"),
+                 "CCDS_PROGRESS": "0", "CCDS_DTYPE": "fp32"})
+
+    p = start("ref")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+
+    def progress() -> int:
+        root = tmp_path / "cache-k" / "proxy"
+        cols = list(root.glob("*/columns.json"))
+        try:
+            done = len(json.loads(cols[0].read_text())) if cols else 0
+        except ValueError:  # being replaced this instant
+            done = 0
+        return done + len(list(root.glob("*/train*/checkpoint-*")))
+
+    rng = random.Random(0)
+    seen = []
+    while True:
+        p, goal = start("k"), progress() + rng.randint(2, 5)
+        while p.poll() is None and progress() < goal:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.2))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        seen.append(progress())
+    assert p.returncode == 0, p.stderr.read()
+    assert len(seen) >= 3, seen
+    ref, got = (read_scores(tmp_path / f"{n}.parquet") for n in ("ref", "k"))
+    assert np.array_equal(ref.values, got.values) and ref.ids == got.ids

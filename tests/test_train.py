@@ -182,6 +182,11 @@ def test_resume_in_process_is_bit_identical(tiny_model_dir, tmp_path):
     b = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert again.stage.analytic_flops == ref.stage.analytic_flops
+    # every checkpoint is reported, with the mean LR of its own steps (LESS weights by it)
+    assert [c.name for c in again.checkpoints] == [c.name for c in ref.checkpoints]
+    lr = [[json.loads((c / "state.json").read_text())["mean_lr"] for c in r.checkpoints]
+          for r in (ref, again)]
+    assert lr[0] == lr[1]
     # another run's checkpoints (different seed) are never picked up
     model, tok, _ = load_causal_lm(str(tiny_model_dir))
     other = train(_examples(), cfg.model_copy(update={"seed": 1}), model=model, tokenizer=tok,

@@ -183,13 +183,29 @@ def data_compare(
     typer.echo(f"plot -> {out}")
 
 
-def _score(pool: str, method: str, target: str | None, param: list[str] | None, seed: int):
-    from .score import get_method, run
+def _score(pool: str, method: str, target: str | None, param: list[str] | None, seed: int,
+           backend=None):
+    from .score import Context, get_method, run
 
     examples = _load_pool(pool)
     m = get_method(method, **{"seed": seed, **_params(param)})
     tgt = _load_target(target) if target else None
-    return examples, run(m, examples, tgt), m
+    ctx = Context(backend=backend) if backend is not None else None
+    return examples, run(m, examples, tgt, ctx=ctx), m
+
+
+BackendOpt = Annotated[str, Opt(help="where per-example passes run: local or ray")]
+AddressOpt = Annotated[str | None, Opt(help="Ray cluster address (default: start Ray here)")]
+ShardOpt = Annotated[int, Opt(help="rows per Ray shard (the unit of resume)")]
+ActorsOpt = Annotated[int, Opt(help="Ray actors, each with its own model")]
+
+
+def _backend(kind: str, address: str | None, shard_size: int, concurrency: int):
+    from .score.backend import Backend
+
+    if kind not in ("local", "ray"):
+        raise CcdsError(f"unknown backend '{kind}'", None, "use --backend local or ray")
+    return Backend(kind=kind, address=address, shard_size=shard_size, concurrency=concurrency)
 
 
 @app.command("score")
@@ -197,11 +213,14 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or 
               out: Annotated[Path, Opt(help="scores file (.parquet)")],
               method: MethodOpt = "random",
               target: Annotated[str | None, Opt(help="target spec or folder")] = None,
-              param: ParamOpt = None, seed: Annotated[int, Opt()] = 0):
+              param: ParamOpt = None, seed: Annotated[int, Opt()] = 0,
+              backend: BackendOpt = "local", address: AddressOpt = None,
+              shard_size: ShardOpt = 1024, concurrency: ActorsOpt = 1):
     """Score every pool example (higher = select first); write id, score to Parquet."""
     from .score.base import write_scores
 
-    examples, scores, _ = _score(pool, method, target, param, seed)
+    examples, scores, _ = _score(pool, method, target, param, seed,
+                                 _backend(backend, address, shard_size, concurrency))
     write_scores(out, scores)
     st = scores.stage
     typer.echo(f"{method}: scored {len(examples)} examples -> {out} ({st.analytic_flops:.3e} "

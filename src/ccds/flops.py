@@ -257,6 +257,19 @@ class Meter:
         if counted:
             self._counted += analytic
 
+    def merge(self, analytic_flops: float, paper_flops: float, measured_flops: float,
+              tokens: float, padded_tokens: float, reused: bool = False) -> None:
+        """Work metered elsewhere (a Ray actor). `reused`: done by an earlier run and saved,
+        so it is charged but not measured now (as LESS charges its cached features)."""
+        self.add(analytic_flops, paper_flops)
+        if reused:
+            d = self.stage.detail
+            d["reused_flops"] = d.get("reused_flops", 0.0) + analytic_flops
+        else:
+            self._counted += measured_flops
+        self.work.tokens += int(tokens)
+        self.work.padded_tokens += int(padded_tokens)
+
 
 class _PeakMemory:
     """Peak resident memory during a block: CUDA allocator peak, or RSS sampled on the CPU."""

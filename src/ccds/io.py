@@ -59,6 +59,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing) for the duration of the block, so
+    two processes never fill the same cache folder at once."""
+    import fcntl
+
+    _ensure_parent(Path(path))
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def safe_name(s: str) -> str:
+    """A file name made from data (a target or model name): letters, digits, '.', '-' and
+    '_' only, no leading dot, so it cannot leave the folder it is written into."""
+    out = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in s)
+    return out.lstrip(".") or "_"
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

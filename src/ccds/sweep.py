@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CcdsError
 from .evaluate import EvalConfig
+from .score.backend import Backend
 from .train import TrainConfig
 
 
@@ -65,6 +66,7 @@ class SweepConfig(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig(generate=False)
+    backend: Backend = Field(Backend(), description="where scoring passes run (local or ray)")
     metric: Literal["nll", "primary"] = Field(
         "nll", description="P: −(test NLL), or the target's own metric (accuracy, exact match)")
 
@@ -169,7 +171,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                         continue
                     method = get_method(spec.name, **{"seed": seed, **spec.params})
                     sel = Ledger()
-                    scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=sel,
+                    ctx = Context(runtime=rt, backend=cfg.backend)
+                    scores = run(method, pool, target, ctx=ctx, ledger=sel,
                                  cache=cfg.out / "scores")
                     for f in todo:
                         idx = select(scores.values, fraction=f)

@@ -183,9 +183,10 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
         state, rng = resumed
         start, result.losses, result.lrs = state["step"], state["losses"], state["lrs"]
         result.tokens, result.steps = state["tokens"], start
+        result.checkpoints = state["checkpoints"]  # the ones before the restart count too
         torch.set_rng_state(rng)
     meter = Meter("train", "training", counts, cfg.measure_flops, rt.device)
-    last_ckpt = 0
+    last_ckpt = start  # a checkpoint's mean LR covers the steps since the one before
     b = bar(len(steps), progress if main else None, unit="step")
     with meter:
         for step, group in enumerate(steps, 1):
@@ -323,6 +324,7 @@ def _resume(out: Path, run_key: str, model, opt, sched, named):
     if not found:
         return None
     step, ck, state = max(found, key=lambda t: t[0])
+    state["checkpoints"] = sorted(c for _, c, _ in found)
     set_peft_model_state_dict(model, load_file(str(ck / "adapter_model.safetensors")))
     t = load_file(str(ck / "optimizer.safetensors"))
     for name, p in named:

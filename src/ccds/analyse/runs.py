@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CcdsError
-from ..io import atomic_path, write_json, write_text
+from ..io import atomic_path, safe_name, write_json, write_text
 from ..store import Store
 from .fit import fit_methods
 from .frontier import Point, break_even, empirical_frontier, fitted_frontier, group, overlap
@@ -131,7 +131,7 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
 
     from .fit import Fit
 
-    stem = f"{g['target']}-{g['model']}".replace("/", "_").replace(":", "_")
+    stem = safe_name(f"{g['target']}-{g['model']}")
     files = {}
     methods = sorted({p.method for p in pts})
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}

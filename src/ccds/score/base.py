@@ -23,6 +23,7 @@ from ..data.types import Example, Target
 from ..errors import CcdsError
 from ..flops import Ledger, Meter, Stage
 from ..models import Runtime, cache_dir, pick_runtime
+from .backend import Backend
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -41,6 +42,7 @@ class Context:
     runtime: Runtime = field(default_factory=pick_runtime)
     measure_flops: bool = True
     progress: bool = True
+    backend: Backend = field(default_factory=Backend)  # where per-example passes run
 
 
 class Method(ABC):

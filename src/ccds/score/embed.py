@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from ..models import load_sentence_encoder
+from ..progress import track
 from ..tokenize import length_batches
+from .backend import Pass, map_pool
 from .base import Method, Params, aggregate_subtasks
 
 
@@ -91,16 +93,37 @@ class Embed(Method):
             meter.add(self.encode_flops(lengths))
         return out
 
+    def __getstate__(self) -> dict:  # shipped to a Ray actor without its loaded encoder
+        return {k: v for k, v in self.__dict__.items() if k not in ("_encoder", "_ref")}
+
     def score(self, pool, target, ctx, meter) -> np.ndarray:
-        dev = ctx.runtime.device
-        v = self.embed(self._texts(target.val), dev, meter)
+        v = self.embed(self._texts(target.val), ctx.runtime.device, meter)
         means = {name: v[idx].mean(axis=0) for name, idx in target.val_by_subtask().items()}
-        centroids = torch.from_numpy(np.stack(list(means.values())).T.copy())  # d × subtasks
-        sims = np.empty((len(pool), centroids.shape[1]), dtype=np.float64)
-        texts = self._texts(pool)
-        for start in range(0, len(pool), self.params.block):
-            e = torch.from_numpy(self.embed(texts[start:start + self.params.block], dev, meter))
-            sims[start:start + len(e)] = (e @ centroids).numpy()
-        meter.add(2.0 * v.size + 2.0 * len(pool) * centroids.numel())
+        meter.add(2.0 * v.size)
+        sims = map_pool(Similarity(self, np.stack(list(means.values())).T.copy()), pool, ctx,
+                        meter, key=self.key(pool, target), desc="embed")
         return aggregate_subtasks({n: sims[:, i] for i, n in enumerate(means)},
                                   self.params.reduce)
+
+
+class Similarity(Pass):
+    """Per example: cosine of its embedding to each subtask's mean V embedding, a block of
+    `block` rows at a time, so only block × d embeddings are ever held."""
+
+    def __init__(self, method: Embed, centroids: np.ndarray):
+        self.method, self.centroids = method, centroids  # d × subtasks
+
+    def setup(self, runtime) -> None:
+        self.method.encoder().to(runtime.device)
+
+    def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
+        texts = self.method._texts(examples)
+        block = self.method.params.block
+        c = torch.from_numpy(self.centroids)
+        out = np.empty((len(texts), c.shape[1]), dtype=np.float64)
+        for start in track(range(0, len(texts), block), progress):
+            e = torch.from_numpy(self.method.embed(texts[start:start + block], runtime.device,
+                                                   meter))
+            out[start:start + len(e)] = (e @ c).numpy()
+        meter.add(2.0 * len(texts) * c.numel())
+        return out

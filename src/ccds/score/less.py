@@ -15,8 +15,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,13 @@ import torch
 from pydantic import Field
 
 from ..flops import Ledger, encoded_work, lora_step_flops
-from ..io import atomic_path, read_json, stable_hash, write_json
+from ..io import atomic_path, locked, read_json, stable_hash, write_json
 from ..lm import response_nll
 from ..models import cache_dir, counts_without_weights, load_causal_lm, param_counts, resolve
 from ..progress import bar
 from ..tokenize import Encoded, collate, encode, length_batches
 from ..train import TrainConfig, add_lora, train
+from .backend import ModelPass, causal_lm, map_pool
 from .base import Method, Params, aggregate_subtasks, examples_hash
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -101,38 +102,37 @@ class LESS(Method):
         model.to(ctx.runtime.device)
         reused = 0.0
         warm_meta = root / "warmup.json"
-        if warm_meta.exists():
-            warm = read_json(warm_meta)
-            model = add_lora(model, self.warmup_config())
-            reused += warm["flops"]
-            meter.add(warm["flops"], warm["paper_flops"])
-        else:
-            ledger = Ledger()
-            tmp = root / f"warmup.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            res = train(self.warmup_subset(pool), self.warmup_config(), model=model,
-                        tokenizer=tok, runtime=ctx.runtime, ledger=ledger, out=tmp,
-                        progress="less: warmup" if ctx.progress else None)
-            model, stage = res.model, ledger.stages[0]
-            meter.add(stage.analytic_flops, stage.paper_flops)
-            shutil.rmtree(root / "warmup", ignore_errors=True)
-            tmp.rename(root / "warmup")
-            warm = {"checkpoints": [c.name for c in res.checkpoints],
-                    "flops": stage.analytic_flops, "paper_flops": stage.paper_flops}
-            write_json(warm_meta, warm)
+        with locked(root / "lock"):
+            if warm_meta.exists():
+                warm = read_json(warm_meta)
+                model = add_lora(model, self.warmup_config())
+                reused += warm["flops"]
+                meter.add(warm["flops"], warm["paper_flops"])
+            else:  # warmup.tmp: a killed warmup resumes from its last checkpoint
+                ledger = Ledger()
+                tmp = root / "warmup.tmp"
+                res = train(self.warmup_subset(pool), self.warmup_config(), model=model,
+                            tokenizer=tok, runtime=ctx.runtime, ledger=ledger, out=tmp,
+                            progress="less: warmup" if ctx.progress else None)
+                model, stage = res.model, ledger.stages[0]
+                meter.add(stage.analytic_flops, stage.paper_flops)
+                shutil.rmtree(root / "warmup", ignore_errors=True)
+                tmp.rename(root / "warmup")
+                warm = {"checkpoints": [c.name for c in res.checkpoints],
+                        "flops": stage.analytic_flops, "paper_flops": stage.paper_flops}
+                write_json(warm_meta, warm)
         ckpts = [root / "warmup" / c for c in warm["checkpoints"]]
         meter.params = param_counts(model)
         names = lora_names(model)
         proj = RademacherProjection(meter.params["lora"], p.proj_dim, p.seed)
         weights = np.array([read_json(c / "state.json")["mean_lr"] for c in ckpts])
         weights = weights / weights.sum()
-        pool_enc = None
         val_enc = encode(target.val, tok, p.max_len)
         groups = target.val_by_subtask()
         total = np.zeros((len(pool), len(groups)))
         for c, (ckpt, w) in enumerate(zip(ckpts, weights, strict=True)):
             load_lora(model, ckpt)
-            val = self.features(model, val_enc, tok, names, proj, None, ctx, meter)
+            val = self.features(model, val_enc, tok, names, proj, None, ctx.runtime, meter)
             centroids = np.stack([val[idx].mean(axis=0) for idx in groups.values()], 1)
             path = root / f"pool-{c}.npy"
             if path.exists() and (root / f"pool-{c}.json").exists():
@@ -141,11 +141,10 @@ class LESS(Method):
                 reused += cost["flops"]
                 meter.add(cost["flops"], cost["paper_flops"])
             else:
-                pool_enc = pool_enc or encode(pool, tok, p.max_len)
                 before = (meter.stage.analytic_flops, meter.stage.paper_flops)
-                desc = f"less: checkpoint {c + 1}/{len(ckpts)}" if ctx.progress else None
-                feats = self.features(model, pool_enc, tok, names, proj,
-                                      load_moments(ckpt, names), ctx, meter, desc)
+                grads = PoolGradients(self, model, tok, names, proj, load_moments(ckpt, names))
+                feats = map_pool(grads, pool, ctx, meter, key=f"less-{root.name}-{c}",
+                                 desc=f"less: checkpoint {c + 1}/{len(ckpts)}")
                 with atomic_path(path) as tmp, open(tmp, "wb") as f:
                     np.save(f, feats)
                 write_json(root / f"pool-{c}.json",
@@ -157,8 +156,8 @@ class LESS(Method):
         return aggregate_subtasks({n: total[:, i] for i, n in enumerate(groups)}, p.reduce)
 
     def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,
-                 moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, ctx, meter,
-                 desc: str | None = None) -> np.ndarray:
+                 moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, runtime,
+                 meter, desc: str | None = None) -> np.ndarray:
         """Projected, L2-normalised per-example gradient features (Adam-shaped if moments)."""
         out = np.zeros((len(enc), proj.k), dtype=np.float32)
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -178,8 +177,8 @@ class LESS(Method):
             n_pending = 0
 
         for index in length_batches(enc.lengths, self.params.batch_tokens):
-            batch = collate(enc, index, tok.pad_token_id).to(ctx.runtime.device)
-            g = per_example_grads(model, batch, names, ctx.runtime)
+            batch = collate(enc, index, tok.pad_token_id).to(runtime.device)
+            g = per_example_grads(model, batch, names, runtime)
             meter.lora_step(batch)
             if moments is not None:
                 g = adam_direction(g, names, moments)
@@ -191,6 +190,21 @@ class LESS(Method):
         flush()
         b.close()
         return out
+
+
+class PoolGradients(ModelPass):
+    """Per example: its projected Adam-shaped gradient feature at one warmup checkpoint."""
+
+    def __init__(self, method: LESS, model, tok, names, proj, moments):
+        super().__init__(partial(causal_lm, method.params.model, method.warmup_config()),
+                         model, tok, lora=True)
+        self.method, self.names, self.proj, self.moments = method, names, proj, moments
+
+    def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
+        meter.params = meter.params or param_counts(self.model)
+        enc = encode(examples, self.tok, self.method.params.max_len)
+        return self.method.features(self.model, enc, self.tok, self.names, self.proj,
+                                    self.moments, runtime, meter, progress)
 
 
 # -- per-example gradients ----------------------------------------------------------------
@@ -268,6 +282,11 @@ class RademacherProjection:
                  cache_bytes: int = 1 << 30):
         self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
         self._cache: dict[int, np.ndarray] | None = {} if n * k / 8 <= cache_bytes else None
+
+    def __getstate__(self) -> dict:  # the matrix is rebuilt from the seed, not shipped
+        d = dict(self.__dict__)
+        d["_cache"] = {} if self._cache is not None else None
+        return d
 
     def _bits(self, c: int) -> np.ndarray:
         if self._cache is not None and c in self._cache:

@@ -10,13 +10,15 @@ epochs), and that training is charged to the selection.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..flops import Ledger, encoded_work, forward_flops, lora_step_flops
-from ..lm import score_sequences
-from ..models import counts_without_weights, load_causal_lm, param_counts, resolve
+from ..models import counts_without_weights, load_causal_lm, resolve
 from ..tokenize import encode
 from ..train import TrainConfig, train
+from .backend import SequenceStats, causal_lm, map_pool
 from .base import Method, Params
 
 
@@ -67,28 +69,30 @@ class PPL(Method):
         return total
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
-        model, tok, _ = load_causal_lm(self.params.model)
-        model.to(ctx.runtime.device)
-        if self.params.train_on_val:
+        p = self.params
+        model = tok = None
+        if p.train_on_val:  # here, before the pool pass (which may run elsewhere)
+            model, tok, _ = load_causal_lm(p.model)
+            model.to(ctx.runtime.device)
             ledger = Ledger()
             model = train(target.val, self._val_config(), model=model, tokenizer=tok,
                           runtime=ctx.runtime, ledger=ledger,
                           progress="ppl: train scorer on V" if ctx.progress else None).model
             meter.add(ledger.stages[0].analytic_flops, ledger.stages[0].paper_flops)
-        enc = encode(pool, tok, self.params.max_len)
-        meter.params = param_counts(model)
-        s = score_sequences(model, enc, tok.pad_token_id, ctx.runtime,
-                            max_tokens=self.params.batch_tokens, meter=meter,
-                            progress="ppl" if ctx.progress else None)
-        n = np.maximum(s["n_tokens"], 1)
-        ppl = np.exp(s["nll_sum"] / n)
-        v = self.params.variant
+        load = partial(causal_lm, p.model, self._val_config() if p.train_on_val else None)
+        stats = map_pool(SequenceStats(load, model, tok, lora=p.train_on_val,
+                                       max_len=p.max_len, batch_tokens=p.batch_tokens),
+                         pool, ctx, meter, key=self.key(pool, target), desc="ppl")
+        nll_sum, n_tokens, prob_sum = stats.T
+        n = np.maximum(n_tokens, 1)
+        ppl = np.exp(nll_sum / n)
+        v = p.variant
         if v == "low":
             return -ppl
         if v == "high":
             return ppl
         if v == "least_confidence":
-            return -(s["prob_sum"] / n)
+            return -(prob_sum / n)
         return middle_third_first(ppl, self.params.seed)
 
 

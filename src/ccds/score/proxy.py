@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from pydantic import Field
 
 from ..errors import CcdsError
 from ..flops import Ledger, Meter, encoded_work, forward_flops, full_step_flops, lora_step_flops
-from ..io import atomic_path, read_json, stable_hash, write_json
-from ..lm import mean_hidden, score_sequences
+from ..io import atomic_path, locked, read_json, stable_hash, write_json
+from ..lm import mean_hidden
 from ..models import cache_dir, load_causal_lm, param_counts, resolve
 from ..tokenize import encode
 from ..train import TrainConfig, add_lora, train
+from .backend import SequenceStats, apply_weights, map_pool
 from .base import Method, Params, examples_hash
 
 SCRATCH = "scratch"
@@ -133,23 +135,25 @@ def _trained(p: ProxyParams, pool, ctx):
     model.to(ctx.runtime.device)
     done = root / "trained.json"
     lora = p.proxy != SCRATCH and p.proxy_lora
-    reused = done.exists()
-    if not reused:
-        ledger = Ledger()
-        tmp = root / f"train.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        res = train(pool, _train_config(p), model=model, tokenizer=tok, runtime=ctx.runtime,
-                    ledger=ledger, out=tmp, progress="proxy: train" if ctx.progress else None)
-        epochs = [read_json(c / "state.json")["epoch"] for c in res.checkpoints]
-        shutil.rmtree(root / "train", ignore_errors=True)
-        tmp.rename(root / "train")
-        st = ledger.stages[0]
-        write_json(done, {"checkpoints": [c.name for c in res.checkpoints], "epochs": epochs,
-                          "flops": st.analytic_flops, "paper_flops": st.paper_flops,
-                          "measured_flops": st.measured_flops, "wall_s": st.wall_s,
-                          "final_loss": res.losses[-1]})
-        model = res.model
-    elif lora:
+    with locked(root / "lock"):
+        reused = done.exists()
+        if not reused:  # train.tmp: a killed LoRA proxy resumes from its last checkpoint
+            ledger = Ledger()
+            tmp = root / "train.tmp"
+            res = train(pool, _train_config(p), model=model, tokenizer=tok,
+                        runtime=ctx.runtime, ledger=ledger, out=tmp,
+                        progress="proxy: train" if ctx.progress else None)
+            epochs = [read_json(c / "state.json")["epoch"] for c in res.checkpoints]
+            shutil.rmtree(root / "train", ignore_errors=True)
+            tmp.rename(root / "train")
+            st = ledger.stages[0]
+            write_json(done, {"checkpoints": [c.name for c in res.checkpoints],
+                              "epochs": epochs, "flops": st.analytic_flops,
+                              "paper_flops": st.paper_flops,
+                              "measured_flops": st.measured_flops, "wall_s": st.wall_s,
+                              "final_loss": res.losses[-1]})
+            model = res.model
+    if reused and lora:
         model = add_lora(model, _train_config(p))
     return root, model, tok, {**read_json(done), "reused": reused}
 
@@ -173,19 +177,19 @@ def trajectories(p: ProxyParams, pool, ctx, meter: Meter | None = None) -> Traje
     columns = root / "columns.json"
     have = read_json(columns) if columns.exists() else {}
     reused = info["reused"]  # work done before this call is charged, not measured
-    enc = None
     for c in range(t):
         if str(c) not in have:
             _checkpoint(root, info, model, c, lora)
-            enc = enc or encode(pool, tok, p.max_len)
             m = Meter(f"proxy checkpoint {c}", "selection", param_counts(model), False)
             with m:
-                s = score_sequences(model, enc, tok.pad_token_id, ctx.runtime,
-                                    max_tokens=p.batch_tokens, meter=m, progress=(
-                                        f"proxy: losses {c + 1}/{t}" if ctx.progress else None))
+                stats = map_pool(SequenceStats(partial(_rebuild, p), model, tok, lora=lora,
+                                               max_len=p.max_len, batch_tokens=p.batch_tokens),
+                                 pool, ctx, m, key=f"proxy-{root.name}-{c}",
+                                 desc=f"proxy: losses {c + 1}/{t}")
+            nll_sum, n_tokens, prob_sum = stats.T
             with np.errstate(invalid="ignore", divide="ignore"):
-                loss[:, c] = s["nll_sum"] / s["n_tokens"]
-                conf[:, c] = s["prob_sum"] / s["n_tokens"]
+                loss[:, c] = nll_sum / n_tokens
+                conf[:, c] = prob_sum / n_tokens
             loss.flush()
             conf.flush()
             have[str(c)] = {"flops": m.stage.analytic_flops, "paper_flops": m.stage.paper_flops}
@@ -249,15 +253,19 @@ def _matrix(path: Path, n: int, t: int) -> np.memmap:
 def _load_weights(model, ckpt: Path, lora: bool) -> None:
     from safetensors.torch import load_file
 
-    if lora:
-        from peft import set_peft_model_state_dict
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    try:
+        apply_weights(model, load_file(str(ckpt / name)), lora)
+    except RuntimeError:
+        raise RuntimeError(f"proxy checkpoint {ckpt} does not match the model") from None
 
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        return
-    state = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
-        raise RuntimeError(f"proxy checkpoint {ckpt} does not match the model")
+
+def _rebuild(p: ProxyParams):
+    """The proxy as a pass in another process loads it: LoRA-wrapped if trained so."""
+    model, tok = load_proxy(p)
+    if p.proxy != SCRATCH and p.proxy_lora:
+        model = add_lora(model, _train_config(p))
+    return model, tok
 
 
 class ProxyMethod(Method):

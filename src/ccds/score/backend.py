@@ -1,0 +1,278 @@
+"""Where a scoring pass runs: in this process (`local`, the default) or on a Ray cluster.
+
+The part of a method that grows with the pool (a forward pass, an embedding, a gradient per
+example) is a `Pass`: a small picklable object that loads its model once per process
+(`setup`) and maps a list of examples to one row of numbers each. `map_pool` runs a pass over
+the pool. Locally it is one call over the whole pool, batched by length. On Ray the pool is
+written as Parquet shards, streamed through Ray Data's `map_batches` with an actor pool (one
+model load per actor, GPUs requested when the cluster has them), each finished shard saved so
+a killed job resumes without recomputing it, and rows put back in pool order. Each actor
+meters its own batches (analytic and FlopCounterMode FLOPs) and the driver adds them up, so
+the ledger is the same on either backend.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data.types import Example
+from ..errors import CcdsError
+from ..flops import Meter
+from ..io import atomic_path, read_json, write_json
+from ..models import Runtime, cache_dir, pick_runtime
+
+STATS = ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_tokens")
+
+
+class Backend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray address ('auto', 'host:port', "
+                                "'ray://host:10001'); none starts Ray on this machine")
+    shard_size: int = Field(1024, ge=1, description="pool rows per shard: the unit of "
+                            "resume and of one actor call")
+    concurrency: int = Field(1, ge=1, description="actors, each with its own model loaded")
+    cpus_per_actor: float = Field(1, gt=0, description="also its torch threads; leave a "
+                                  "CPU per node free for Ray Data's read tasks")
+    gpus_per_actor: float | None = Field(None, ge=0,
+                                         description="none: 1 when the cluster has GPUs")
+    work: Path | None = Field(None, description="shard files; shared storage on a multi-node "
+                              "cluster (default: the ccds cache)")
+
+
+class Pass(ABC):
+    """A per-example computation that can run in another process."""
+
+    @abstractmethod
+    def setup(self, runtime: Runtime) -> None:
+        """Load what the pass needs (once per process)."""
+
+    @abstractmethod
+    def __call__(self, examples: Sequence[Example], runtime: Runtime, meter: Meter,
+                 progress: str | None = None) -> np.ndarray:
+        """[len(examples), ...] float rows, in the order given; report work to `meter`."""
+
+
+class ModelPass(Pass):
+    """A pass over a causal LM that may already be loaded (and trained) in this process.
+
+    Locally the live model is used as it is. Pickled for another process, the pass carries
+    its loader and the trained weights as safetensors bytes (LoRA adapter, or every weight),
+    never the module, and `setup` rebuilds the model there.
+    """
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], model=None, tok=None, *,
+                 lora: bool = False):
+        self.load, self.model, self.tok, self.lora = load, model, tok, lora
+        self.weights: bytes | None = None
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        if self.model is not None:
+            d["weights"] = _weights_bytes(self.model, self.lora)
+        d["model"] = d["tok"] = None
+        return d
+
+    def setup(self, runtime: Runtime) -> None:
+        if self.model is None:
+            self.model, self.tok = self.load()
+            if self.weights is not None:
+                from safetensors.torch import load
+
+                apply_weights(self.model, load(self.weights), self.lora)
+        self.model.to(runtime.device)
+
+
+def apply_weights(model, state: dict[str, torch.Tensor], lora: bool) -> None:
+    """Put a LoRA adapter (into a PEFT model) or every trained weight into `model`."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
+        raise RuntimeError("the weights do not match the model")
+
+
+def _weights_bytes(model, lora: bool) -> bytes:
+    from safetensors.torch import save
+
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
+                 or not model.config.tie_word_embeddings}
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def map_pool(p: Pass, pool: Sequence[Example], ctx, meter: Meter, *, key: str,
+             desc: str | None = None) -> np.ndarray:
+    """Run `p` over the pool on `ctx.backend`; rows in pool order. `key` names the
+    computation (method settings, weights, pool) so finished shards are found again."""
+    backend: Backend = ctx.backend
+    if backend.kind == "local":
+        p.setup(ctx.runtime)
+        return p(pool, ctx.runtime, meter, desc if ctx.progress else None)
+    return _ray_map(p, pool, ctx, meter, key, desc)
+
+
+# -- Ray ----------------------------------------------------------------------------------
+
+class _Actor:
+    """One model per actor; each call scores one batch of rows and meters it."""
+
+    def __init__(self, p: Pass, dtype: str, measure: bool, threads: int):
+        torch.set_num_threads(max(1, threads))
+        self.runtime = pick_runtime(dtype=dtype)
+        self.p, self.measure = p, measure
+        p.setup(self.runtime)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        examples = [Example(str(i), str(q), str(r), str(s)) for i, q, r, s in
+                    zip(batch["id"], batch["prompt"], batch["response"], batch["source"],
+                        strict=True)]
+        meter = Meter("shard", "selection", None, self.measure, self.runtime.device)
+        with meter:
+            x = np.asarray(self.p(examples, self.runtime, meter))
+        stats = np.zeros((len(examples), len(STATS)))  # the batch's totals ride on row 0
+        stats[0] = [getattr(meter.stage, k) or 0.0 for k in STATS]
+        return {"row": batch["row"], "x": x, "stats": stats}
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or start Ray here) once per process."""
+    try:
+        import ray
+    except ImportError:
+        raise CcdsError("the ray backend needs Ray", None,
+                        "pip install 'ccds[dist]' (ray[data])") from None
+    if ray.is_initialized():
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        return
+    local = address is not None and address.split(":")[0] in ("127.0.0.1", "localhost")
+    try:  # a driver joining a loopback cluster must itself be on loopback
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _node_ip_address="127.0.0.1" if local else None)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise CcdsError(f"cannot connect to Ray at {address or 'a new local cluster'} "
+                        f"({str(e).splitlines()[0]})", None,
+                        "check --address (ray status shows it on the head node)") from None
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
+             desc: str | None) -> np.ndarray:
+    from ..progress import bar
+
+    b: Backend = ctx.backend
+    root = (b.work or cache_dir() / "ray") / f"{key}-{b.shard_size}"
+    root.mkdir(parents=True, exist_ok=True)
+    bounds = [(lo, min(lo + b.shard_size, len(pool))) for lo in range(0, len(pool), b.shard_size)]
+    out = [root / f"out-{i:05d}.npy" for i in range(len(bounds))]
+    todo = [i for i in range(len(bounds)) if not out[i].exists()]
+    progress = bar(len(pool), desc if ctx.progress else None, unit="ex")
+    progress.update(sum(hi - lo for i, (lo, hi) in enumerate(bounds) if i not in todo))
+    if todo:
+        import ray
+
+        connect(b.address)
+        files = [_write_shard(root / f"in-{i:05d}.parquet", pool, *bounds[i]) for i in todo]
+        gpus = b.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ds = ray.data.read_parquet([str(f) for f in files]).map_batches(
+            _Actor, fn_constructor_args=(p, ctx.runtime.dtype_name, ctx.measure_flops,
+                                         int(b.cpus_per_actor)),
+            batch_size=b.shard_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=b.concurrency),
+            num_cpus=b.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
+        partial: dict[int, list] = {}
+        for got in ds.iter_batches(batch_format="numpy", batch_size=None):
+            shard = got["row"] // b.shard_size
+            for i in np.unique(shard):
+                lo, hi = bounds[i]
+                buf = partial.setdefault(int(i), [None, np.zeros(hi - lo, bool),
+                                                  np.zeros(len(STATS))])
+                take = shard == i
+                x = got["x"][take]
+                if buf[0] is None:
+                    buf[0] = np.zeros((hi - lo, *x.shape[1:]), x.dtype)
+                buf[0][got["row"][take] - lo] = x
+                buf[1][got["row"][take] - lo] = True
+                buf[2] += got["stats"][take].sum(0)
+                progress.update(int(take.sum()))
+                if buf[1].all():  # shard complete: save it, so a restart skips it
+                    with atomic_path(out[i]) as tmp, open(tmp, "wb") as f:
+                        np.save(f, buf[0])
+                    write_json(out[i].with_suffix(".json"), dict(zip(STATS, buf[2].tolist(),
+                                                                     strict=True)))
+                    os.unlink(root / f"in-{i:05d}.parquet")
+                    del partial[int(i)]
+        if partial:
+            raise RuntimeError(f"Ray returned incomplete shards {sorted(partial)}")
+    progress.close()
+    for i in range(len(bounds)):
+        s = read_json(out[i].with_suffix(".json"))
+        meter.merge(**s, reused=i not in todo)
+    meter.stage.detail["backend"] = {"kind": "ray", "shards": len(bounds),
+                                     "resumed": len(bounds) - len(todo)}
+    return np.concatenate([np.load(f) for f in out])
+
+
+def _write_shard(path: Path, pool: Sequence[Example], lo: int, hi: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        rows = pool[lo:hi]
+        table = pa.table({"row": np.arange(lo, hi, dtype=np.int64),
+                          "id": [e.id for e in rows], "prompt": [e.prompt for e in rows],
+                          "response": [e.response for e in rows],
+                          "source": [e.source for e in rows]})
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+    return path
+
+
+# -- the passes several methods share ------------------------------------------------------
+
+def causal_lm(name: str, lora=None):
+    """(model, tokenizer) of a causal LM, LoRA-wrapped by `lora` (a TrainConfig) if given:
+    the loader a ModelPass rebuilds its model with."""
+    from ..models import load_causal_lm
+    from ..train import add_lora
+
+    model, tok, _ = load_causal_lm(name)
+    return (add_lora(model, lora) if lora is not None else model), tok
+
+
+class SequenceStats(ModelPass):
+    """Per example: response NLL sum, token count and token-probability sum (the
+    perplexity family; S2L's loss trajectories)."""
+
+    def __init__(self, load, model=None, tok=None, *, lora: bool = False, max_len: int = 512,
+                 batch_tokens: int = 8192):
+        super().__init__(load, model, tok, lora=lora)
+        self.max_len, self.batch_tokens = max_len, batch_tokens
+
+    def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
+        from ..lm import score_sequences
+        from ..models import param_counts
+        from ..tokenize import encode
+
+        meter.params = meter.params or param_counts(self.model)
+        s = score_sequences(self.model, encode(examples, self.tok, self.max_len),
+                            self.tok.pad_token_id, runtime, max_tokens=self.batch_tokens,
+                            meter=meter, progress=progress)
+        return np.stack([s["nll_sum"], s["n_tokens"], s["prob_sum"]], axis=1)

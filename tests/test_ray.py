@@ -1,0 +1,186 @@
+"""The ray backend on a real two-node cluster on this machine: a head and a worker node,
+each a separate `ray start` process on 127.0.0.1. Every per-example pass (perplexity,
+embeddings, LESS gradient features, S2L trajectories) must give the local backend's rows in
+pool order; a worker node killed mid-job must not change the result; finished shards are
+not recomputed. Skips when ray is not installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ccds.data.synth import generate  # noqa: E402
+from ccds.flops import Meter  # noqa: E402
+from ccds.models import pick_runtime  # noqa: E402
+from ccds.score import Context, get_method  # noqa: E402
+from ccds.score.backend import Backend, SequenceStats, causal_lm, map_pool  # noqa: E402
+
+pytestmark = pytest.mark.slow
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_worker(address: str, tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*RAY, "start", f"--address={address}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+         "--object-store-memory=100000000", "--block"],
+        stdout=open(tmp / "worker.log", "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+
+
+def _nodes_alive() -> int:
+    return sum(n["Alive"] for n in ray.nodes())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(address, worker process, tmp): head + worker node on loopback, 2 logical CPUs each
+    (an actor takes 1; Ray Data's read tasks need the other)."""
+    tmp = tmp_path_factory.mktemp("ray")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([*RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--include-dashboard=false",
+                    "--object-store-memory=100000000", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True)
+    worker = {"proc": _start_worker(address, tmp)}
+    try:
+        ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        deadline = time.time() + 120
+        while _nodes_alive() < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert _nodes_alive() == 2, "worker node did not join"
+        yield address, worker, tmp
+    finally:
+        ray.shutdown()
+        if worker["proc"].poll() is None:
+            os.killpg(worker["proc"].pid, signal.SIGKILL)
+        subprocess.run([*RAY, "stop", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    pool, targets = generate(seed=0, n_pool=48, n_val=4, n_test=4)
+    return pool, targets[0]
+
+
+def _ctx(tmp: Path, address: str | None = None, **kw) -> Context:
+    rt = pick_runtime(dtype="fp32")  # same numbers on both sides, up to summation order
+    if address is None:
+        return Context(runtime=rt, progress=False)
+    return Context(runtime=rt, progress=False, backend=Backend(
+        kind="ray", address=address, shard_size=kw.get("shard_size", 12), concurrency=2,
+        work=tmp / f"shards-{time.time_ns()}"))
+
+
+def _score(name, params, pool, target, ctx, cache: Path, monkeypatch) -> tuple[np.ndarray, Meter]:
+    monkeypatch.setenv("CCDS_CACHE", str(cache))  # LESS and S2L keep their own caches
+    method = get_method(name, **params)
+    meter = Meter("select", "selection", None, True)
+    with meter:
+        values = method.score(pool, target if method.needs_target else None, ctx, meter)
+    return np.asarray(values), meter
+
+
+@pytest.mark.parametrize("name,params", [
+    ("ppl", {"variant": "low"}),
+    ("embed", {}),
+    ("less", {"warmup_epochs": 1, "warmup_fraction": 0.1, "proj_dim": 256}),
+    ("s2l", {"checkpoints": 3, "k": 4}),
+], ids=["ppl", "embed", "less", "s2l"])
+def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, name, params):
+    address, _, _ = cluster
+    pool, target = data
+    local, m_local = _score(name, params, pool, target, _ctx(tmp_path), tmp_path / "a",
+                            monkeypatch)
+    remote, m_remote = _score(name, params, pool, target, _ctx(tmp_path, address),
+                              tmp_path / "b", monkeypatch)
+    if name == "s2l":  # an order from k-means; compare the trajectories it clustered
+        from ccds.score import proxy
+
+        p = get_method(name, **params).params
+        monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "a"))
+        local = proxy.trajectories(p, pool, _ctx(tmp_path)).loss
+        monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "b"))
+        remote = proxy.trajectories(p, pool, _ctx(tmp_path, address)).loss
+    np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.argsort(-remote, kind="stable")[:10],
+                          np.argsort(-local, kind="stable")[:10]) or name == "s2l"
+    # the ledger is the same wherever the work ran
+    assert m_remote.stage.analytic_flops == pytest.approx(m_local.stage.analytic_flops, rel=1e-9)
+    assert m_remote.stage.measured_flops == pytest.approx(m_local.stage.measured_flops, rel=0.02)
+
+
+def _stats_pass():
+    return SequenceStats(lambda: causal_lm("smollm2-135m"), max_len=256)
+
+
+def test_killed_worker_node_and_resume(cluster, data, tmp_path):
+    """Kill the worker node while shards are in flight: Ray retries them on the head and
+    the rows match the local backend. Then delete two finished shards: a rerun recomputes
+    only those."""
+    address, worker, tmp = cluster
+    pool = data[0] * 3  # 144 rows, 24 shards of 6
+    local = map_pool(_stats_pass(), pool, _ctx(tmp_path), Meter("l", "selection"), key="k")
+    ctx = _ctx(tmp_path, address, shard_size=6)
+    root = ctx.backend.work / "k-6"
+    killed = threading.Event()
+
+    def kill_when_started():
+        while not any(root.glob("out-*.npy")):
+            time.sleep(0.05)
+        os.killpg(worker["proc"].pid, signal.SIGKILL)
+        killed.set()
+
+    threading.Thread(target=kill_when_started, daemon=True).start()
+    got = map_pool(_stats_pass(), pool, ctx, Meter("r", "selection"), key="k")
+    assert killed.is_set()
+    done_at_kill = len(list(root.glob("out-*.npy")))
+    np.testing.assert_allclose(got, local, rtol=1e-4)
+    worker["proc"] = _start_worker(address, tmp)  # the next test gets its two nodes back
+
+    for f in sorted(root.glob("out-*.npy"))[:2]:
+        f.unlink()
+    meter = Meter("r", "selection")
+    again = map_pool(_stats_pass(), pool, ctx, meter, key="k")
+    assert meter.stage.detail["backend"]["resumed"] == done_at_kill - 2
+    np.testing.assert_allclose(again, local, rtol=1e-4)
+
+
+def test_cli_score_with_ray_backend(cluster, data, tmp_path):
+    from ccds.data.formats import write_examples
+
+    address, _, _ = cluster
+    write_examples(data[0], tmp_path / "pool.jsonl")
+    outs = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / f"{backend}.parquet"
+        r = subprocess.run([sys.executable, "-m", "ccds", "score", "--pool",
+                            str(tmp_path / "pool.jsonl"), "--method", "ppl", "--param",
+                            "variant=low", "--out", str(out), "--backend", backend,
+                            "--address", address, "--shard-size", "16", "--concurrency", "2"],
+                           capture_output=True, text=True,
+                           env={**os.environ, "CCDS_CACHE": str(tmp_path / backend),
+                                "CCDS_DTYPE": "fp32"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        from ccds.score.base import read_scores
+
+        outs[backend] = read_scores(out).values
+    np.testing.assert_allclose(outs["ray"], outs["local"], rtol=1e-4)
