@@ -61,3 +61,20 @@ def test_backend_config_rejects_unknown_keys():
         Backend(kind="ray", actors=3)
     with pytest.raises(ValueError):
         Backend(kind="spark")
+
+
+def test_local_chunks_give_the_same_rows(tiny_model_dir):
+    from ccds.score import Context
+    from ccds.score.backend import map_pool
+
+    pool, _ = generate(seed=1, n_pool=30, n_val=2, n_test=2)
+    rt = pick_runtime(dtype="fp32")
+    rows = {}
+    for chunk in (7, 1000):
+        ctx = Context(runtime=rt, progress=False, backend=Backend(chunk=chunk))
+        meter = Meter("m", "selection")
+        rows[chunk] = map_pool(SequenceStats(partial(causal_lm, str(tiny_model_dir))), pool,
+                               ctx, meter, key="k")
+        rows[chunk, "flops"] = meter.stage.analytic_flops
+    np.testing.assert_allclose(rows[7], rows[1000], rtol=1e-5)
+    assert rows[7, "flops"] == rows[1000, "flops"]

@@ -35,6 +35,8 @@ STATS = ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_to
 class Backend(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["local", "ray"] = "local"
+    chunk: int = Field(16384, ge=1, description="local: pool rows tokenized and scored at a "
+                       "time, so memory does not grow with the pool")
     address: str | None = Field(None, description="Ray address ('auto', 'host:port', "
                                 "'ray://host:10001'); none starts Ray on this machine")
     shard_size: int = Field(1024, ge=1, description="pool rows per shard: the unit of "
@@ -121,10 +123,14 @@ def map_pool(p: Pass, pool: Sequence[Example], ctx, meter: Meter, *, key: str,
     """Run `p` over the pool on `ctx.backend`; rows in pool order. `key` names the
     computation (method settings, weights, pool) so finished shards are found again."""
     backend: Backend = ctx.backend
-    if backend.kind == "local":
-        p.setup(ctx.runtime)
-        return p(pool, ctx.runtime, meter, desc if ctx.progress else None)
-    return _ray_map(p, pool, ctx, meter, key, desc)
+    if backend.kind == "ray":
+        return _ray_map(p, pool, ctx, meter, key, desc)
+    p.setup(ctx.runtime)
+    n, parts = backend.chunk, []
+    for lo in range(0, len(pool), n):  # only a chunk is ever tokenized at once
+        label = desc if len(pool) <= n else f"{desc} {lo // n + 1}/{-(-len(pool) // n)}"
+        parts.append(p(pool[lo:lo + n], ctx.runtime, meter, label if ctx.progress else None))
+    return np.concatenate(parts)
 
 
 # -- Ray ----------------------------------------------------------------------------------
