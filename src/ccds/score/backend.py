@@ -13,7 +13,6 @@ the ledger is the same on either backend.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,13 +202,13 @@ def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
             batch_size=b.shard_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=b.concurrency),
             num_cpus=b.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
-        partial: dict[int, list] = {}
+        pending: dict[int, list] = {}  # shard -> [rows, which arrived, metered work]
         for got in ds.iter_batches(batch_format="numpy", batch_size=None):
             shard = got["row"] // b.shard_size
             for i in np.unique(shard):
                 lo, hi = bounds[i]
-                buf = partial.setdefault(int(i), [None, np.zeros(hi - lo, bool),
-                                                  np.zeros(len(STATS))])
+                buf = pending.setdefault(int(i), [None, np.zeros(hi - lo, bool),
+                                                 np.zeros(len(STATS))])
                 take = shard == i
                 x = got["x"][take]
                 if buf[0] is None:
@@ -218,15 +217,16 @@ def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
                 buf[1][got["row"][take] - lo] = True
                 buf[2] += got["stats"][take].sum(0)
                 progress.update(int(take.sum()))
-                if buf[1].all():  # shard complete: save it, so a restart skips it
-                    with atomic_path(out[i]) as tmp, open(tmp, "wb") as f:
-                        np.save(f, buf[0])
+                if buf[1].all():  # shard complete: save it (rows last: they mark it done)
                     write_json(out[i].with_suffix(".json"), dict(zip(STATS, buf[2].tolist(),
                                                                      strict=True)))
-                    os.unlink(root / f"in-{i:05d}.parquet")
-                    del partial[int(i)]
-        if partial:
-            raise RuntimeError(f"Ray returned incomplete shards {sorted(partial)}")
+                    with atomic_path(out[i]) as tmp, open(tmp, "wb") as f:
+                        np.save(f, buf[0])
+                    del pending[int(i)]
+        if pending:
+            raise RuntimeError(f"Ray returned incomplete shards {sorted(pending)}")
+        for f in files:  # only now: a lost block may be rebuilt from its file until the end
+            f.unlink(missing_ok=True)
     progress.close()
     for i in range(len(bounds)):
         s = read_json(out[i].with_suffix(".json"))
