@@ -55,3 +55,25 @@ def tiny(tiny_model_dir):
     from ccds.models import load_causal_lm
 
     return load_causal_lm(str(tiny_model_dir))
+
+
+def kill_until_done(start, progress, steps: tuple[int, int] = (1, 3), seed: int = 0,
+                    linger: float = 0.3):
+    """Start a process, SIGKILL it a moment after `progress()` has grown by a random number
+    of `steps`, and start it again, until one run finishes. Returns (the finished process,
+    progress at each kill)."""
+    import random
+    import signal
+    import time
+
+    rng, seen = random.Random(seed), []
+    while True:
+        p, goal = start(), progress() + rng.randint(*steps)
+        while p.poll() is None and progress() < goal:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, linger))
+        if p.poll() is not None:
+            return p, seen
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        seen.append(progress())

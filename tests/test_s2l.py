@@ -211,14 +211,13 @@ def test_composition_and_purity(tmp_path):
 def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path):
     """`ccds score --method s2l` SIGKILLed at random moments (during proxy training and
     between trajectory columns), again and again, then run to the end: the scores equal an
-    uninterrupted run's exactly, and finished columns are not recomputed."""
+    uninterrupted run's exactly."""
     import json
     import os
-    import random
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import kill_until_done
 
     from ccds.data.formats import write_examples
     from ccds.data.synth import generate
@@ -246,18 +245,7 @@ def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path):
             done = 0
         return done + len(list(root.glob("*/train*/checkpoint-*")))
 
-    rng = random.Random(0)
-    seen = []
-    while True:
-        p, goal = start("k"), progress() + rng.randint(2, 5)
-        while p.poll() is None and progress() < goal:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.2))
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        seen.append(progress())
+    p, seen = kill_until_done(lambda: start("k"), progress, steps=(2, 5), linger=0.2)
     assert p.returncode == 0, p.stderr.read()
     assert len(seen) >= 3, seen
     ref, got = (read_scores(tmp_path / f"{n}.parquet") for n in ("ref", "k"))

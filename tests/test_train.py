@@ -199,11 +199,10 @@ def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path
     """`ccds train` killed with SIGKILL at random moments, again and again, then run to the
     end: the adapter equals an uninterrupted run's, bit for bit."""
     import os
-    import random
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import kill_until_done
 
     from ccds.data.formats import write_examples
 
@@ -219,25 +218,13 @@ def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path
 
     p = start(tmp_path / "ref")
     assert p.wait(timeout=600) == 0, p.stderr.read()
-    rng = random.Random(0)
 
     def saved():
         return len(list((tmp_path / "k").glob("checkpoint-*")))
 
-    kills, seen = 0, []
-    while True:  # kill a little after 1-3 more checkpoints land, until a run gets through
-        p, goal = start(tmp_path / "k"), saved() + rng.randint(1, 3)
-        while p.poll() is None and saved() < goal:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3))
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        kills += 1
-        seen.append(saved())
+    p, seen = kill_until_done(lambda: start(tmp_path / "k"), saved)
     assert p.returncode == 0, p.stderr.read()
-    assert sum(s < 12 for s in seen) >= 3 and seen == sorted(seen), (kills, seen)
+    assert sum(s < 12 for s in seen) >= 3 and seen == sorted(seen), seen
     a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
