@@ -59,6 +59,13 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
     t_ref = time.monotonic() - t0
     reference = rows(tmp_path / "ref")
     assert len(reference) == 3 * 3  # random ×2 seeds, bm25 × 3 fractions
+    # at 100% random (seed 0) and bm25 (seed 0) train on the same set: trained once
+    assert len(list((tmp_path / "ref" / "trained").glob("*/*/result.json"))) == 8
+    assert reference["random", 0, 1.0] == reference["bm25", 0, 1.0]
+    by_key = {(r["method"], r["seed"], r["fraction"]): r
+              for r in Store(tmp_path / "ref" / "runs.sqlite").runs()}
+    assert (by_key["random", 0, 1.0]["training_flops"]
+            == by_key["bm25", 0, 1.0]["training_flops"] > 0)  # both charged
 
     # kill it halfway through a whole sweep's time, again and again, until it finishes
     cfg = write_config(tmp_path / "k.yaml", tiny_model_dir, tmp_path / "k")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CcdsError
@@ -129,7 +130,6 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     from .select import select
     from .store import Store
     from .tokenize import encode
-    from .train import train
 
     pool, targets = _data(cfg)
     store = Store(cfg.out / "runs.sqlite")
@@ -178,14 +178,17 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                         idx = select(scores.values, fraction=f)
                         if method.order == "given":
                             idx = method.train_order(pool, idx, Context(runtime=rt))
+                        else:  # a set, not a sequence: equal sets train alike
+                            idx = np.sort(idx)
                         ledger = Ledger()
                         ledger.add(scores.stage)
-                        res = train([pool[i] for i in idx], tcfg.model_copy(
-                            update={"seed": seed, "order": method.order}), model=model,
-                            tokenizer=tok, runtime=rt, ledger=ledger, progress=None)
-                        ev = evaluate(res.model, tok, target, cfg.eval, runtime=rt,
+                        trained, tokens = _train_once(
+                            [pool[i] for i in idx], tcfg.model_copy(
+                                update={"seed": seed, "order": method.order}),
+                            model, tok, rt, ledger, cfg.out / "trained" / ref.fingerprint)
+                        ev = evaluate(trained, tok, target, cfg.eval, runtime=rt,
                                       ledger=ledger, label=spec.tag, progress=None)
-                        model = res.model.unload()
+                        model = trained.unload()
                         tr = ledger.stages[1]
                         row = {"target": target.name, "model": model_name,
                                "method": spec.tag, "method_name": spec.name,
@@ -197,13 +200,36 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
                                "eval": {k: v for k, v in ev.items() if k != "samples"},
                                "ledger": ledger.to_dict(), "n": len(idx),
-                               "tokens": res.tokens, "ids": [pool[i].id for i in idx]}
+                               "tokens": tokens, "ids": [pool[i].id for i in idx]}
                         store.add(keys[f], config_hash, row)
                         done += 1
                         log(f"[{done}/{n_runs}] {target.name} {model_name} {spec.tag} "
                             f"seed {seed} {f:.1%}: P={row['perf']:.4f} "
                             f"({time.perf_counter() - t0:.0f} s)")
     return store.path
+
+
+def _train_once(examples, tcfg, model, tok, rt, ledger, root: Path):
+    """(LoRA model, tokens trained) for these examples and settings, trained once per sweep:
+    a target-agnostic method under every target, or every method at 100%, selects the same
+    set, so later rows load the saved adapter. Each row's ledger still charges the training
+    as recorded: the FLOPs are the experiment's, the reuse only saves this machine's time."""
+    from .flops import Stage
+    from .io import read_json, stable_hash, write_json
+    from .train import load_adapter, train
+
+    out = root / stable_hash([(e.id, e.prompt, e.response) for e in examples],
+                             tcfg.model_dump(exclude={"device"}))
+    done = out / "result.json"
+    if done.exists():
+        info = read_json(done)
+        ledger.add(Stage(**{**info["stage"], "detail": {**info["stage"]["detail"],
+                                                       "reused": str(out)}}))
+        return load_adapter(model, out / "adapter"), info["tokens"]
+    res = train(examples, tcfg, model=model, tokenizer=tok, runtime=rt, ledger=ledger,
+                out=out, progress=None)
+    write_json(done, {"tokens": res.tokens, "stage": res.stage.to_dict()})
+    return res.model, res.tokens
 
 
 def _zero_shot(store, model, tok, target, cfg: SweepConfig, rt, model_name: str,
