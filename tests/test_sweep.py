@@ -120,3 +120,22 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
     r = ccds("plan", "--pilot", ref_cfg, "--budget", str(g["c_full"] * 0.3))
     assert r.returncode == 0 and "Use " in r.stdout, r.stderr
     assert len(list(Store(tmp_path / "ref" / "pilot" / "runs.sqlite").runs())) == 3 * 2
+
+
+@pytest.mark.data
+def test_sweep_builds_its_pool_from_shared_data(tmp_path, shared_data):
+    from ccds.sweep import SweepConfig, _data
+
+    cfg = SweepConfig(out=tmp_path, pool="build", build={"gsm8k": 30, "alpaca": 20},
+                      targets=["gsm8k", "mmlu:anatomy,virology"],
+                      n_test={"gsm8k": 5, "mmlu:anatomy,virology": 3}, methods=["random"],
+                      fractions=[0.5])
+    pool, targets = _data(cfg)
+    assert [len(t.test) for t in targets] == [5, 6]  # MMLU's cap is per subject
+    assert sorted({e.source.split("/")[0] for e in pool}) == ["alpaca", "gsm8k"]
+    assert len(pool) == 50
+    val = {e.prompt for t in targets for e in t.val}
+    assert not any(e.prompt in val for e in pool)  # V's copies are not in the pool
+    again, _ = _data(cfg)  # built once, then read back
+    assert [e.id for e in again] == [e.id for e in pool]
+    assert len(list(tmp_path.glob("pool-*.jsonl"))) == 1

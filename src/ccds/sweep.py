@@ -58,10 +58,17 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     out: Path = Path("sweep-out")
-    pool: str = Field("synth", description="pool file/folder/hub id, or 'synth' (generated)")
+    pool: str = Field("synth", description="pool file/folder/hub id, 'synth' (generated), "
+                      "or 'build' (from ../shared/data sources, minus copies of the targets)")
     synth: SynthSpec = SynthSpec()
+    build: dict[str, int] = Field(
+        default_factory=lambda: {"bigbench": 700, "gsm8k": 650, "alpaca": 650},
+        description="pool: build — examples per source (as `ccds data build-pool`)")
+    build_seed: int = 0
     targets: list[str] = Field(default_factory=lambda: ["synth-arithmetic"], min_length=1)
-    n_test: int | None = Field(None, ge=1, description="cap on each target's T")
+    n_test: int | dict[str, int] | None = Field(
+        None, description="cap on T: one for all targets or per target; per subject/task "
+        "for MMLU and BBH (as in `ccds eval`)")
     methods: list[MethodSpec] = Field(min_length=1)
     fractions: list[float] = Field(min_length=1)
     models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
@@ -70,6 +77,19 @@ class SweepConfig(BaseModel):
     backend: Backend = Field(Backend(), description="where scoring passes run (local or ray)")
     metric: Literal["nll", "primary"] = Field(
         "nll", description="P: −(test NLL), or the target's own metric (accuracy, exact match)")
+
+    def test_cap(self, target: str) -> int | None:
+        if isinstance(self.n_test, dict):
+            return self.n_test.get(target)
+        return self.n_test
+
+    @field_validator("n_test")
+    @classmethod
+    def _caps(cls, v):
+        bad = [x for x in (v.values() if isinstance(v, dict) else [v]) if x is not None and x < 1]
+        if bad:
+            raise ValueError(f"n_test must be at least 1, got {bad[0]}")
+        return v
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -106,12 +126,25 @@ def _data(cfg: SweepConfig):
             raise CcdsError(f"unknown synthetic target(s) {', '.join(unknown)}", None,
                             f"choose from {', '.join(by_name)}")
         chosen = [by_name[t] for t in cfg.targets]
+    elif cfg.pool == "build":  # built once, kept beside the runs for anyone to inspect
+        from .data.formats import write_examples
+        from .data.pool import build_pool
+        from .io import stable_hash, write_json
+
+        chosen = [load_target(t, n_test=cfg.test_cap(t)) for t in cfg.targets]
+        path = cfg.out / f"pool-{stable_hash(cfg.build, cfg.build_seed, cfg.targets)}.jsonl"
+        if path.exists():
+            pool = load_examples(path)
+        else:
+            pool, report = build_pool(list(cfg.build.items()), chosen, seed=cfg.build_seed)
+            write_examples(pool, path)
+            write_json(path.with_suffix(".report.json"), report)
     else:
         pool = load_examples(cfg.pool)
-        chosen = [load_target(t, n_test=cfg.n_test) for t in cfg.targets]
-    if cfg.n_test:
-        for t in chosen:
-            t.test = t.test[: cfg.n_test]
+        chosen = [load_target(t, n_test=cfg.test_cap(t)) for t in cfg.targets]
+    for t in chosen:  # a cap on T as a whole, except MMLU's and BBH's (per subject/task)
+        if cfg.test_cap(t.name) and not t.name.startswith(("mmlu", "bbh")):
+            t.test = t.test[: cfg.test_cap(t.name)]
     return pool, chosen
 
 
