@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         for s in r["ledger"]["stages"]:
             if s["kind"] == "selection":
                 selection[(r["method"], r["seed"])] = s["wall_s"]
-            elif s["kind"] == "training":
-                train += s["wall_s"]
+            elif s["kind"] == "training":  # a reused adapter cost its time once
+                train += 0.0 if s.get("detail", {}).get("reused") else s["wall_s"]
             else:
                 evaluation += s["wall_s"]
     zero = sum(v["wall_s"] for k, v in meta.items() if k.startswith("zero_shot/"))
