@@ -25,6 +25,7 @@ from ccds.flops import Meter  # noqa: E402
 from ccds.models import pick_runtime  # noqa: E402
 from ccds.score import Context, get_method  # noqa: E402
 from ccds.score.backend import Backend, SequenceStats, causal_lm, map_pool  # noqa: E402
+from ccds.select import select  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -121,8 +122,9 @@ def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, na
         monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "b"))
         remote = proxy.trajectories(p, pool, _ctx(tmp_path, address)).loss
     np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-5)
-    assert np.array_equal(np.argsort(-remote, kind="stable")[:10],
-                          np.argsort(-local, kind="stable")[:10]) or name == "s2l"
+    if name != "s2l":  # the same selection, up to a swap of near-ties
+        top = [set(select(v, fraction=0.25).tolist()) for v in (remote, local)]
+        assert len(top[0] & top[1]) >= len(top[0]) - 1
     # the ledger is the same wherever the work ran
     assert m_remote.stage.analytic_flops == pytest.approx(m_local.stage.analytic_flops, rel=1e-9)
     assert m_remote.stage.measured_flops == pytest.approx(m_local.stage.measured_flops, rel=0.02)
