@@ -1,7 +1,7 @@
 """The ray backend on a real two-node cluster on this machine: a head and a worker node,
 each a separate `ray start` process on 127.0.0.1. Every per-example pass (perplexity,
-embeddings, LESS gradient features, S2L trajectories) must give the local backend's rows in
-pool order; a worker node killed mid-job must not change the result; finished shards are
+embeddings, LESS gradient features, S2L trajectories, BM25's two passes) must give the local
+backend's rows in pool order; a worker node killed mid-job must not change the result; finished shards are
 not recomputed. Skips when ray is not installed."""
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def _score(name, params, pool, target, ctx, cache: Path, monkeypatch) -> tuple[n
     ("embed", {}),
     ("less", {"warmup_epochs": 1, "warmup_fraction": 0.1, "proj_dim": 256}),
     ("s2l", {"checkpoints": 3, "k": 4}),
-], ids=["ppl", "embed", "less", "s2l"])
+    ("bm25", {"shard_size": 10}),
+], ids=["ppl", "embed", "less", "s2l", "bm25"])
 def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, name, params):
     address, _, _ = cluster
     pool, target = data

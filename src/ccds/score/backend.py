@@ -132,6 +132,20 @@ def map_pool(p: Pass, pool: Sequence[Example], ctx, meter: Meter, *, key: str,
     return np.concatenate(parts)
 
 
+def reduce_pool(fn: Callable[[Sequence[Example]], Any], pool: Sequence[Example], ctx,
+                size: int) -> list:
+    """`fn` of each `size`-row shard of the pool, in order (partial results a caller merges,
+    like BM25's document frequencies): in this process, or as Ray tasks."""
+    shards = [pool[lo:lo + size] for lo in range(0, len(pool), size)]
+    if ctx.backend.kind == "local":
+        return [fn(s) for s in shards]
+    import ray
+
+    connect(ctx.backend.address)
+    task = ray.remote(num_cpus=ctx.backend.cpus_per_actor, max_retries=3)(fn)
+    return ray.get([task.remote(list(s)) for s in shards])
+
+
 # -- Ray ----------------------------------------------------------------------------------
 
 class _Actor:

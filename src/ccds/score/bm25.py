@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from ..data.types import Example
+from .backend import Pass, map_pool, reduce_pool
 from .base import Method, Params, aggregate_subtasks
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -92,19 +93,12 @@ class BM25(Method):
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         p = self.params
-        stats = self._stats(pool)  # pass 1
+        stats = sum(reduce_pool(CorpusStats.of, pool, ctx, p.shard_size), CorpusStats())
         terms, queries = self._queries(target, stats)
-        idf = stats.idf(terms, p.epsilon)
-        column = {t: j for j, t in enumerate(terms)}
-        avgdl = stats.total_len / max(stats.n, 1)
-        per_subtask = {name: np.empty(len(pool)) for name in queries}
-        for lo in range(0, len(pool), p.shard_size):  # pass 2
-            tf, dl = _term_counts(pool[lo:lo + p.shard_size], column)
-            w = self.weights(tf, dl, idf, avgdl)
-            for name, q in queries.items():
-                per_subtask[name][lo:lo + len(dl)] = w @ q
-                meter.add(2.0 * w[:, q.nonzero()[0]].nnz, counted=True)
-        return aggregate_subtasks(per_subtask, p.reduce)
+        scorer = Scorer(self, stats.idf(terms, p.epsilon), {t: j for j, t in enumerate(terms)},
+                        stats.total_len / max(stats.n, 1), np.stack(list(queries.values()), 1))
+        rows = map_pool(scorer, pool, ctx, meter, key=self.key(pool, target), desc="bm25")
+        return aggregate_subtasks({n: rows[:, i] for i, n in enumerate(queries)}, p.reduce)
 
     def weights(self, tf: sp.csr_matrix, dl: np.ndarray, idf: np.ndarray,
                 avgdl: float) -> sp.csr_matrix:
@@ -134,6 +128,29 @@ class BM25(Method):
                         q[column[t]] += 1
             out[name] = q / len(docs)
         return terms, out
+
+
+class Scorer(Pass):
+    """Pass 2: each document's BM25 score for each subtask's query, a shard at a time."""
+
+    def __init__(self, method: BM25, idf: np.ndarray, column: dict[str, int], avgdl: float,
+                 queries: np.ndarray):
+        self.method, self.idf, self.column, self.avgdl = method, idf, column, avgdl
+        self.queries = queries  # terms × subtasks
+
+    def setup(self, runtime) -> None:
+        pass
+
+    def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
+        n = self.method.params.shard_size
+        out = np.empty((len(examples), self.queries.shape[1]))
+        for lo in range(0, len(examples), n):
+            tf, dl = _term_counts(examples[lo:lo + n], self.column)
+            w = self.method.weights(tf, dl, self.idf, self.avgdl)
+            out[lo:lo + len(dl)] = w @ self.queries
+            for q in self.queries.T:
+                meter.add(2.0 * w[:, q.nonzero()[0]].nnz, counted=True)
+        return out
 
 
 def _term_counts(docs: Sequence[Example], column: dict[str, int]
