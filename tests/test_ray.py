@@ -1,5 +1,6 @@
 """The ray backend on a real two-node cluster on this machine: a head and a worker node,
-each a separate `ray start` process on 127.0.0.1. Every per-example pass (perplexity,
+each a separate `ray start` process (Ray binds a multi-node cluster to the machine's own
+address, not 127.0.0.1; no other host is involved; token auth is off for the test cluster). Every per-example pass (perplexity,
 embeddings, LESS gradient features, S2L trajectories, BM25's two passes) must give the local
 backend's rows in pool order; a worker node killed mid-job must not change the result; finished shards are
 not recomputed. Skips when ray is not installed."""
@@ -7,6 +8,7 @@ not recomputed. Skips when ray is not installed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,12 +39,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins as a driver
+
+
 def _start_worker(address: str, tmp: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [*RAY, "start", f"--address={address}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+        [*RAY, "start", f"--address={address}", "--num-cpus=2",
          "--object-store-memory=100000000", "--block"],
         stdout=open(tmp / "worker.log", "ab"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        start_new_session=True, env=ENV)
 
 
 def _nodes_alive() -> int:
@@ -55,15 +61,14 @@ def cluster(tmp_path_factory):
     (an actor takes 1; Ray Data's read tasks need the other)."""
     tmp = tmp_path_factory.mktemp("ray")
     port = _free_port()
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([*RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", "--include-dashboard=false",
-                    "--object-store-memory=100000000", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
+    head = subprocess.run([*RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
+                           "--include-dashboard=false", "--object-store-memory=100000000",
+                           "--disable-usage-stats"],
+                          check=True, env=ENV, capture_output=True, text=True)
+    address = re.search(r"--address='([^']+)'", head.stdout + head.stderr).group(1)
     worker = {"proc": _start_worker(address, tmp)}
     try:
-        ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(address=address, log_to_driver=False)
         deadline = time.time() + 120
         while _nodes_alive() < 2 and time.time() < deadline:
             time.sleep(1)
@@ -73,7 +78,7 @@ def cluster(tmp_path_factory):
         ray.shutdown()
         if worker["proc"].poll() is None:
             os.killpg(worker["proc"].pid, signal.SIGKILL)
-        subprocess.run([*RAY, "stop", "--force"], capture_output=True)
+        subprocess.run([*RAY, "stop", "--force"], capture_output=True, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +185,7 @@ def test_cli_score_with_ray_backend(cluster, data, tmp_path):
                             "variant=low", "--out", str(out), "--backend", backend,
                             "--address", address, "--shard-size", "16", "--concurrency", "2"],
                            capture_output=True, text=True,
-                           env={**os.environ, "CCDS_CACHE": str(tmp_path / backend),
+                           env={**ENV, "CCDS_CACHE": str(tmp_path / backend),
                                 "CCDS_DTYPE": "fp32"})
         assert r.returncode == 0, r.stderr[-2000:]
         from ccds.score.base import read_scores

@@ -179,10 +179,9 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         ray.data.DataContext.get_current().enable_progress_bars = False
         return
-    local = address is not None and address.split(":")[0] in ("127.0.0.1", "localhost")
-    try:  # a driver joining a loopback cluster must itself be on loopback
+    try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, _node_ip_address="127.0.0.1" if local else None)
+                 configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CcdsError(f"cannot connect to Ray at {address or 'a new local cluster'} "
                         f"({str(e).splitlines()[0]})", None,
