@@ -196,6 +196,7 @@ class Meter:
         self.device = device or torch.device("cpu")
         self.work = Work()
         self._counted = 0.0
+        self.remote_measured = 0.0
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Meter:
@@ -257,6 +258,11 @@ class Meter:
         if counted:
             self._counted += analytic
 
+    def measured_elsewhere(self, flops: float) -> None:
+        """FLOPs another process counted for this stage (a Ray actor's FlopCounterMode)."""
+        self._counted += flops
+        self.remote_measured += flops
+
     def merge(self, analytic_flops: float, paper_flops: float, measured_flops: float,
               tokens: float, padded_tokens: float, reused: bool = False) -> None:
         """Work metered elsewhere (a Ray actor). `reused`: done by an earlier run and saved,
@@ -266,7 +272,7 @@ class Meter:
             d = self.stage.detail
             d["reused_flops"] = d.get("reused_flops", 0.0) + analytic_flops
         else:
-            self._counted += measured_flops
+            self.measured_elsewhere(measured_flops)
         self.work.tokens += int(tokens)
         self.work.padded_tokens += int(padded_tokens)
 

@@ -142,8 +142,12 @@ def reduce_pool(fn: Callable[[Sequence[Example]], Any], pool: Sequence[Example],
     import ray
 
     connect(ctx.backend.address)
-    task = ray.remote(num_cpus=ctx.backend.cpus_per_actor, max_retries=3)(fn)
-    return ray.get([task.remote(list(s)) for s in shards])
+    task = ray.remote(num_cpus=ctx.backend.cpus_per_actor, max_retries=3)(_apply)
+    return ray.get([task.remote(fn, list(s)) for s in shards])
+
+
+def _apply(fn, examples):
+    return fn(examples)
 
 
 # -- Ray ----------------------------------------------------------------------------------

@@ -186,6 +186,8 @@ def trajectories(p: ProxyParams, pool, ctx, meter: Meter | None = None) -> Traje
                                                max_len=p.max_len, batch_tokens=p.batch_tokens),
                                  pool, ctx, m, key=f"proxy-{root.name}-{c}",
                                  desc=f"proxy: losses {c + 1}/{t}")
+            if meter is not None:  # work done in Ray actors, which this process cannot see
+                meter.measured_elsewhere(m.remote_measured)
             nll_sum, n_tokens, prob_sum = stats.T
             with np.errstate(invalid="ignore", divide="ignore"):
                 loss[:, c] = nll_sum / n_tokens
