@@ -213,7 +213,8 @@ def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
         gpus = b.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        ds = ray.data.read_parquet([str(f) for f in files]).map_batches(
+        ds = ray.data.read_parquet(  # a block per shard, so every actor gets work
+            [str(f) for f in files]).repartition(len(files)).map_batches(
             _Actor, fn_constructor_args=(p, ctx.runtime.dtype_name, ctx.measure_flops,
                                          int(b.cpus_per_actor)),
             batch_size=b.shard_size, batch_format="numpy",
