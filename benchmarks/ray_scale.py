@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
 from ccds.flops import Meter
@@ -80,12 +81,18 @@ def main(argv=None) -> int:
         del p
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
-    local = rows["local"][:, 0]
+    def mean_nll(x):  # what ppl ranks by: mean response NLL per example
+        return x[:, 0] / np.maximum(x[:, 1], 1)
+
+    local = mean_nll(rows["local"])
+    k = max(1, len(pool) // 20)
     for name in CONFIGS:
-        results[name]["max_rel_diff_vs_local"] = float(
-            np.max(np.abs(rows[name][:, 0] - local) / np.maximum(np.abs(local), 1e-9)))
-        results[name]["same_order"] = bool(np.array_equal(
-            np.argsort(rows[name][:, 0] / rows[name][:, 1]), np.argsort(local / rows["local"][:, 1])))
+        got = mean_nll(rows[name])
+        rel = np.abs(got - local) / np.maximum(np.abs(local), 1e-9)
+        results[name].update({
+            "median_rel_diff": float(np.median(rel)), "max_rel_diff": float(rel.max()),
+            "spearman": float(spearmanr(got, local).statistic),
+            "top5_overlap": len(set(np.argsort(got)[:k]) & set(np.argsort(local)[:k])) / k})
     out = {"command": "python benchmarks/ray_scale.py " + " ".join(argv or sys.argv[1:]),
            "date": date.today().isoformat(),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -112,11 +119,15 @@ def markdown(r: dict) -> str:
              f"({r['pool']['tokens']} tokens; GSM8K train, Alpaca, BIG-bench), Ray shards of "
              f"{r['pool']['shard']} rows. Wall time includes loading the model in each "
              "process and, for ray, writing shards and starting actors.", "",
-             "| backend | wall s | tokens/s | max rel. diff vs local | same ranking |",
-             "|---|---|---|---|---|"]
+             "Agreement with local, on each example's mean response NLL (what ppl ranks by): "
+             "bf16 autocast rounds differently in batches of other shapes, so not bitwise "
+             "(the fp32 tests agree to 1e-4).", "",
+             "| backend | wall s | tokens/s | median / max rel. diff | Spearman | top-5% overlap |",
+             "|---|---|---|---|---|---|"]
     for name, x in r["results"].items():
         lines.append(f"| {name} | {x['wall_s']:.1f} | {x['tokens_per_s']:.0f} | "
-                     f"{x['max_rel_diff_vs_local']:.1e} | {'yes' if x['same_order'] else 'no'} |")
+                     f"{x['median_rel_diff']:.1e} / {x['max_rel_diff']:.1e} | "
+                     f"{x['spearman']:.4f} | {x['top5_overlap']:.0%} |")
     lines += ["", f"- Ray overhead at equal resources (1 actor × 2 CPUs vs local): "
               f"{r['overhead_ray_vs_local']:.2f}x the wall time.",
               f"- Two worker processes vs one (1 CPU each): {r['speedup_two_workers']:.2f}x "

@@ -84,7 +84,9 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir):
         stored.append(len(got))
     p = sweep(cfg, env)
     assert p.wait(timeout=900) == 0, p.stderr.read()
-    assert kills >= 2 and 0 < max(stored) < 9, (kills, stored)  # killed mid-sweep, resumed
+    # killed mid-sweep (rows stored, some left) and resumed; trained adapters kept across
+    # kills make later restarts quicker, so the last kill may land after the last row
+    assert kills >= 2 and any(0 < n < 9 for n in stored), (kills, stored)
     assert rows(tmp_path / "k") == reference
     before = (tmp_path / "k" / "runs.sqlite").stat().st_size
     p = sweep(cfg, env)  # nothing left to do
