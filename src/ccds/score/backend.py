@@ -52,8 +52,7 @@ class Backend(BaseModel):
 class Pass(ABC):
     """A per-example computation that can run in another process."""
 
-    @abstractmethod
-    def setup(self, runtime: Runtime) -> None:
+    def setup(self, runtime: Runtime) -> None:  # noqa: B027 (most passes load a model)
         """Load what the pass needs (once per process)."""
 
     @abstractmethod

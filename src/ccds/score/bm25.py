@@ -138,9 +138,6 @@ class Scorer(Pass):
         self.method, self.idf, self.column, self.avgdl = method, idf, column, avgdl
         self.queries = queries  # terms × subtasks
 
-    def setup(self, runtime) -> None:
-        pass
-
     def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
         n = self.method.params.shard_size
         out = np.empty((len(examples), self.queries.shape[1]))

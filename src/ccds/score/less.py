@@ -30,7 +30,7 @@ from ..models import cache_dir, counts_without_weights, load_causal_lm, param_co
 from ..progress import bar
 from ..tokenize import Encoded, collate, encode, length_batches
 from ..train import TrainConfig, add_lora, train
-from .backend import ModelPass, causal_lm, map_pool
+from .backend import ModelPass, apply_weights, causal_lm, map_pool
 from .base import Method, Params, aggregate_subtasks, examples_hash
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -258,10 +258,9 @@ def adam_direction(g: torch.Tensor, names: list[str],
 
 
 def load_lora(model, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    apply_weights(model, load_file(str(ckpt / "adapter_model.safetensors")), lora=True)
 
 
 def load_moments(ckpt: Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
