@@ -67,10 +67,11 @@ def test_checkpoints_hold_adapter_and_adam_moments(tiny, tmp_path):
     assert state["run_key"] and len(state["losses"]) == state["step"]
     # the adapter reloads onto a fresh base model and reproduces the trained model's loss
     from ccds.lm import response_nll
-    from ccds.models import load_causal_lm
+    from ccds.models import load_causal_lm, pick_runtime
     from ccds.tokenize import collate, encode
 
     base, _, _ = load_causal_lm(tok.name_or_path)
+    pick_runtime().place(base)  # as train() placed the trained model's frozen base
     reloaded = load_adapter(base, tmp_path / "adapter")
     enc = encode(_examples(4), tok)
     batch = collate(enc, np.arange(4), tok.pad_token_id)

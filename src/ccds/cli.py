@@ -516,7 +516,7 @@ def eval_cmd(
     m, tok, _ = load_causal_lm(model)
     if adapter is not None:
         m = load_adapter(m, adapter)
-    m.to(rt.device)
+    rt.place(m)
     cfg = EvalConfig(shots=shots, max_examples=max_examples, max_new_tokens=max_new_tokens,
                      generate=not no_generate)
     ledger = Ledger()

@@ -76,7 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     rt = pick_runtime(cfg.train.device, cfg.train.dtype)
     model, tok, ref = load_causal_lm(cfg.model)
-    model.to(rt.device)
+    rt.place(model)
     console.print(f"model {cfg.model} ({ref.fingerprint[:12]}), {rt.device.type} {rt.dtype_name}")
 
     others = cfg.eval.model_copy(update={"generate": False, "max_examples": cfg.n_test_others})

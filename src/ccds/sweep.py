@@ -177,7 +177,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
         tcfg = cfg.train.model_copy(update={"model": model_name})
         rt = pick_runtime(tcfg.device, tcfg.dtype)
         model, tok, ref = load_causal_lm(model_name)
-        model.to(rt.device)
+        rt.place(model)
         enc = encode(pool, tok, tcfg.max_len)
         work = encoded_work(enc, suffix=True)
         counts = param_counts(model)

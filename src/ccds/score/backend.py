@@ -88,7 +88,7 @@ class ModelPass(Pass):
                 from safetensors.torch import load
 
                 apply_weights(self.model, load(self.weights), self.lora)
-        self.model.to(runtime.device)
+        runtime.place(self.model)
 
 
 def apply_weights(model, state: dict[str, torch.Tensor], lora: bool) -> None:

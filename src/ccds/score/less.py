@@ -99,7 +99,7 @@ class LESS(Method):
         p = self.params
         root = cache_dir() / "less" / self.pool_key(pool)
         model, tok, _ = load_causal_lm(p.model)
-        model.to(ctx.runtime.device)
+        ctx.runtime.place(model)
         reused = 0.0
         warm_meta = root / "warmup.json"
         with locked(root / "lock"):

@@ -73,7 +73,7 @@ class PPL(Method):
         model = tok = None
         if p.train_on_val:  # here, before the pool pass (which may run elsewhere)
             model, tok, _ = load_causal_lm(p.model)
-            model.to(ctx.runtime.device)
+            ctx.runtime.place(model)
             ledger = Ledger()
             model = train(target.val, self._val_config(), model=model, tokenizer=tok,
                           runtime=ctx.runtime, ledger=ledger,

@@ -132,7 +132,7 @@ def _trained(p: ProxyParams, pool, ctx):
     root = cache_dir() / "proxy" / key(p, pool)
     root.mkdir(parents=True, exist_ok=True)
     model, tok = load_proxy(p)
-    model.to(ctx.runtime.device)
+    ctx.runtime.place(model)
     done = root / "trained.json"
     lora = p.proxy != SCRATCH and p.proxy_lora
     with locked(root / "lock"):
