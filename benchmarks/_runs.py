@@ -35,7 +35,7 @@ class Runner:
         self.evals = evals or {}
         self.rt = pick_runtime()
         self.model, self.tok, _ = load_causal_lm(train_cfg.model)
-        self.model.to(self.rt.device)
+        self.rt.place(self.model)
         self.lengths = np.array(encode(pool, self.tok, train_cfg.max_len).lengths)
         self.t0 = time.perf_counter()
 

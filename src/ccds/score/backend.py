@@ -34,7 +34,7 @@ STATS = ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_to
 class Backend(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["local", "ray"] = "local"
-    chunk: int = Field(16384, ge=1, description="local: pool rows tokenized and scored at a "
+    chunk: int = Field(4096, ge=1, description="local: pool rows tokenized and scored at a "
                        "time, so memory does not grow with the pool")
     address: str | None = Field(None, description="Ray address ('auto', 'host:port', "
                                 "'ray://host:10001'); none starts Ray on this machine")
@@ -124,11 +124,14 @@ def map_pool(p: Pass, pool: Sequence[Example], ctx, meter: Meter, *, key: str,
     if backend.kind == "ray":
         return _ray_map(p, pool, ctx, meter, key, desc)
     p.setup(ctx.runtime)
-    n, parts = backend.chunk, []
+    n, out = backend.chunk, None
     for lo in range(0, len(pool), n):  # only a chunk is ever tokenized at once
         label = desc if len(pool) <= n else f"{desc} {lo // n + 1}/{-(-len(pool) // n)}"
-        parts.append(p(pool[lo:lo + n], ctx.runtime, meter, label if ctx.progress else None))
-    return np.concatenate(parts)
+        rows = np.asarray(p(pool[lo:lo + n], ctx.runtime, meter, label if ctx.progress else None))
+        if out is None:  # filled in place: no second copy of the pool's rows at the end
+            out = np.empty((len(pool),) + rows.shape[1:], rows.dtype)
+        out[lo:lo + len(rows)] = rows
+    return out
 
 
 def reduce_pool(fn: Callable[[Sequence[Example]], Any], pool: Sequence[Example], ctx,

@@ -97,8 +97,7 @@ class BM25(Method):
         terms, queries = self._queries(target, stats)
         scorer = Scorer(self, stats.idf(terms, p.epsilon), {t: j for j, t in enumerate(terms)},
                         stats.total_len / max(stats.n, 1), np.stack(list(queries.values()), 1))
-        rows = map_pool(scorer, pool, ctx, meter, key=self.key(pool, target), desc="bm25")
-        return aggregate_subtasks({n: rows[:, i] for i, n in enumerate(queries)}, p.reduce)
+        return map_pool(scorer, pool, ctx, meter, key=self.key(pool, target), desc="bm25")
 
     def weights(self, tf: sp.csr_matrix, dl: np.ndarray, idf: np.ndarray,
                 avgdl: float) -> sp.csr_matrix:
@@ -131,7 +130,8 @@ class BM25(Method):
 
 
 class Scorer(Pass):
-    """Pass 2: each document's BM25 score for each subtask's query, a shard at a time."""
+    """Pass 2: each document's BM25 score for each subtask's query, a shard at a time,
+    combined over subtasks right away (a row per document, not one per subtask)."""
 
     def __init__(self, method: BM25, idf: np.ndarray, column: dict[str, int], avgdl: float,
                  queries: np.ndarray):
@@ -140,11 +140,13 @@ class Scorer(Pass):
 
     def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
         n = self.method.params.shard_size
-        out = np.empty((len(examples), self.queries.shape[1]))
+        out = np.empty(len(examples))
         for lo in range(0, len(examples), n):
             tf, dl = _term_counts(examples[lo:lo + n], self.column)
             w = self.method.weights(tf, dl, self.idf, self.avgdl)
-            out[lo:lo + len(dl)] = w @ self.queries
+            per = w @ self.queries
+            out[lo:lo + len(dl)] = aggregate_subtasks(
+                {j: per[:, j] for j in range(per.shape[1])}, self.method.params.reduce)
             for q in self.queries.T:
                 meter.add(2.0 * w[:, q.nonzero()[0]].nnz, counted=True)
         return out
