@@ -1,11 +1,31 @@
 """Shared fixtures: the real embedded SmolLM2, a tiny random-init Llama with its tokenizer,
-and the shared data directory (tests needing it skip cleanly when it is absent)."""
+and the shared data directory (tests needing it skip cleanly when it is absent).
+
+Reliability tests record what they survived (`figure`); the run ends with a table of those
+figures, the numbers docs/reliability.md quotes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+_FIGURES: dict[str, str] = {}
+
+
+@pytest.fixture()
+def figure():
+    """figure(name, value): report a reliability figure at the end of the run."""
+    def record(name: str, value) -> None:
+        _FIGURES[name] = str(value)
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("reliability figures (docs/reliability.md)")
+        for name, value in sorted(_FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {value}")
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,8 @@ def test_bad_input(name, build, needles, tmp_path):
         (tmp_path / "out").iterdir())
 
 
-def test_catalogue_is_large_enough():
+def test_catalogue_is_large_enough(figure):
+    figure("bad inputs in the CLI catalogue", len(CASES))
     assert len(CASES) >= 30
 
 

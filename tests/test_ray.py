@@ -140,7 +140,7 @@ def _stats_pass():
     return SequenceStats(lambda: causal_lm("smollm2-135m"), max_len=256)
 
 
-def test_killed_worker_node_and_resume(cluster, data, tmp_path):
+def test_killed_worker_node_and_resume(cluster, data, tmp_path, figure):
     """Kill the worker node while shards are in flight: Ray retries them on the head and
     the rows match the local backend. Then delete two finished shards: a rerun recomputes
     only those."""
@@ -169,6 +169,7 @@ def test_killed_worker_node_and_resume(cluster, data, tmp_path):
     meter = Meter("r", "selection")
     again = map_pool(_stats_pass(), pool, ctx, meter, key="k")
     assert meter.stage.detail["backend"]["resumed"] == done_at_kill - 2
+    figure("Ray: worker node SIGKILLed mid-pass (shards saved by then, of 24)", done_at_kill)
     np.testing.assert_allclose(again, local, rtol=1e-4)
 
 

@@ -208,7 +208,7 @@ def test_composition_and_purity(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path):
+def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path, figure):
     """`ccds score --method s2l` SIGKILLed at random moments (during proxy training and
     between trajectory columns), again and again, then run to the end: the scores equal an
     uninterrupted run's exactly."""
@@ -247,6 +247,7 @@ def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path):
 
     p, seen = kill_until_done(lambda: start("k"), progress, steps=(2, 5), linger=0.2)
     assert p.returncode == 0, p.stderr.read()
+    figure("scoring (S2L): SIGKILLs survived (progress at each)", f"{len(seen)} {seen}")
     assert len(seen) >= 3, seen
     ref, got = (read_scores(tmp_path / f"{n}.parquet") for n in ("ref", "k"))
     assert np.array_equal(ref.values, got.values) and ref.ids == got.ids

@@ -196,7 +196,7 @@ def test_resume_in_process_is_bit_identical(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path, figure):
     """`ccds train` killed with SIGKILL at random moments, again and again, then run to the
     end: the adapter equals an uninterrupted run's, bit for bit."""
     import os
@@ -225,6 +225,8 @@ def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path
 
     p, seen = kill_until_done(lambda: start(tmp_path / "k"), saved)
     assert p.returncode == 0, p.stderr.read()
+    figure("training: SIGKILLs survived (checkpoints saved at each, of 12)",
+           f"{len(seen)} {seen}")
     assert sum(s < 12 for s in seen) >= 3 and seen == sorted(seen), seen
     a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))

@@ -35,18 +35,31 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
     mask = cols[None, :] >= (k - batch.n_response)[:, None]
     if not suffix:
         mask &= cols[None, :] < (k - batch.n_suffix)[:, None]
+    lp = torch.zeros(mask.shape, dtype=torch.float32, device=targets.device)
     base = plain_head(model)
     if base is not None:
-        hidden = _decoder_states(base, batch)
-        logits = base.get_output_embeddings()(hidden[:, width - k - 1:width - 1][mask])
-    else:  # the model's own forward, logits at the k positions before the last token
-        keep = torch.arange(width - k - 1, width - 1, device=batch.input_ids.device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, logits_to_keep=keep,
-                       use_cache=False).logits[mask]
-    lp = torch.zeros(mask.shape, dtype=torch.float32, device=targets.device)
+        hidden = _decoder_states(base, batch)[:, width - k - 1:width - 1][mask]
+        lp[mask] = _token_logprobs(base.get_output_embeddings(), hidden, targets[mask])
+        return lp, mask
+    # the model's own forward, logits at the k positions before the last token
+    keep = torch.arange(width - k - 1, width - 1, device=batch.input_ids.device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, logits_to_keep=keep,
+                   use_cache=False).logits[mask]
     lp[mask] = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
     return lp, mask
+
+
+def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
+                    rows: int = 1024) -> torch.Tensor:
+    """log p(target) for each row of `hidden`. Without gradients, `rows` positions at a time:
+    a batch of 8192 response tokens would otherwise hold 8192 × vocab fp32 logits (1.6 GB
+    for SmolLM2) and its log-softmax, and peak memory would follow the longest responses."""
+    step = rows if not torch.is_grad_enabled() else len(hidden)
+    return torch.cat([-F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step],
+                                       reduction="none")
+                      for i in range(0, len(hidden), step)]) if len(hidden) else \
+        hidden.new_zeros(0, dtype=torch.float32)
 
 
 def plain_head(model):
