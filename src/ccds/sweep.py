@@ -190,31 +190,37 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
             "pool_tokens": work.tokens, "params": counts})
         for target in targets:
             _zero_shot(store, model, tok, target, cfg, rt, model_name, ref.fingerprint)
-            for spec in cfg.methods:
-                for seed in spec.seeds:
-                    keys = {f: stable_hash(pool_hash, target_hash(target),
-                                           examples_hash(target.test), ref.fingerprint,
-                                           spec.name, spec.params, seed, f,
-                                           tcfg.model_dump(exclude={"device"}),
-                                           cfg.eval.model_dump(), cfg.metric)
-                            for f in cfg.fractions}
-                    todo = [f for f in cfg.fractions if not store.has(keys[f])]
-                    done += len(cfg.fractions) - len(todo)
-                    if not todo:
-                        continue
-                    method = get_method(spec.name, **{"seed": seed, **spec.params})
-                    sel = Ledger()
-                    ctx = Context(runtime=rt, backend=cfg.backend)
-                    scores = run(method, pool, target, ctx=ctx, ledger=sel,
-                                 cache=cfg.out / "scores")
-                    for f in todo:
-                        idx = select(scores.values, fraction=f)
+        # targets innermost: a target-agnostic method's subset trains once and is evaluated
+        # on every target right away, so a restart (even on a fresh machine) redoes at most
+        # the subset in flight
+        for spec in cfg.methods:
+            for seed in spec.seeds:
+                method = get_method(spec.name, **{"seed": seed, **spec.params})
+                keys = {(t.name, f): stable_hash(
+                            pool_hash, target_hash(t), examples_hash(t.test), ref.fingerprint,
+                            spec.name, spec.params, seed, f,
+                            tcfg.model_dump(exclude={"device"}), cfg.eval.model_dump(),
+                            cfg.metric)
+                        for t in targets for f in cfg.fractions}
+                todo = {k for k, v in keys.items() if not store.has(v)}
+                done += len(keys) - len(todo)
+                scores = {}  # per target, computed when first needed
+                for f in cfg.fractions:
+                    for target in targets:
+                        if (target.name, f) not in todo:
+                            continue
+                        if target.name not in scores:
+                            scores[target.name] = run(
+                                method, pool, target, ctx=Context(runtime=rt, backend=cfg.backend),
+                                ledger=Ledger(), cache=cfg.out / "scores")
+                        sc = scores[target.name]
+                        idx = select(sc.values, fraction=f)
                         if method.order == "given":
                             idx = method.train_order(pool, idx, Context(runtime=rt))
                         else:  # a set, not a sequence: equal sets train alike
                             idx = np.sort(idx)
                         ledger = Ledger()
-                        ledger.add(scores.stage)
+                        ledger.add(sc.stage)
                         trained, tokens = _train_once(
                             [pool[i] for i in idx], tcfg.model_copy(
                                 update={"seed": seed, "order": method.order}),
@@ -226,15 +232,15 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                         row = {"target": target.name, "model": model_name,
                                "method": spec.tag, "method_name": spec.name,
                                "params": spec.params, "fraction": f, "seed": seed,
-                               "selection_flops": scores.stage.analytic_flops,
-                               "selection_paper_flops": scores.stage.paper_flops,
+                               "selection_flops": sc.stage.analytic_flops,
+                               "selection_paper_flops": sc.stage.paper_flops,
                                "training_flops": tr.analytic_flops,
                                "training_paper_flops": tr.paper_flops,
                                "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
                                "eval": {k: v for k, v in ev.items() if k != "samples"},
                                "ledger": ledger.to_dict(), "n": len(idx),
                                "tokens": tokens, "ids": [pool[i].id for i in idx]}
-                        store.add(keys[f], config_hash, row)
+                        store.add(keys[target.name, f], config_hash, row)
                         done += 1
                         log(f"[{done}/{n_runs}] {target.name} {model_name} {spec.tag} "
                             f"seed {seed} {f:.1%}: P={row['perf']:.4f} "

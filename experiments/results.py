@@ -1,0 +1,128 @@
+"""RESULTS.md of a study from what `ccds analyze` wrote (runs.csv, fits.json): every number
+in it is computed here from the runs, none typed in.
+
+    ccds sweep run experiments/study.yaml && ccds analyze study
+    python experiments/results.py study/report --out experiments/RESULTS.md
+
+Noise: a target's noise level is the largest gap between the random seeds at one fraction
+below 100%; a method "beats random" at a training budget only when its gain over the mean
+of the random seeds at that fraction exceeds that level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ccds.io import read_json, write_text
+from ccds.plan import _PAPER_FULL_7B, PAPER_PRIOR
+
+PAPER_LAM = {m: v["rate"] * _PAPER_FULL_7B / 1e18 for m, v in PAPER_PRIOR["methods"].items()}
+
+
+def load(report: Path) -> tuple[list[dict], dict]:
+    with open(report / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("fraction", "perf", "selection_flops", "training_flops"):
+            r[k] = float(r[k])
+    return rows, read_json(report / "fits.json")
+
+
+def noise(rows: list[dict]) -> tuple[dict[float, float], float]:
+    """Per fraction, the mean P of the random seeds; and the largest seed gap below 100%."""
+    by_f = defaultdict(list)
+    for r in rows:
+        if r["method"] == "random":
+            by_f[r["fraction"]].append(r["perf"])
+    mean = {f: float(np.mean(v)) for f, v in by_f.items()}
+    gaps = [max(v) - min(v) for f, v in by_f.items() if f < 1 and len(v) > 1]
+    return mean, max(gaps) if gaps else float("nan")
+
+
+def target_section(target: str, rows: list[dict], g: dict) -> list[str]:
+    mean, level = noise(rows)
+    methods = sorted({r["method"] for r in rows} - {"random"})
+    fractions = sorted({r["fraction"] for r in rows if r["fraction"] < 1})
+    perf = {(r["method"], r["fraction"]): r["perf"] for r in rows if r["method"] != "random"}
+    n_seeds = len({r["seed"] for r in rows if r["method"] == "random"})
+    out = [f"## {target}", "",
+           f"P = −(test NLL); zero-shot P0 = {g['zero_shot']:.3f}; random at 100% "
+           f"{mean.get(1.0, float('nan')):.3f}. Noise: the {n_seeds} random seeds differ by up "
+           f"to **{level:.3f}** at one fraction, so smaller gaps below are within noise.", "",
+           "**At a fixed training budget** (same fraction of the pool): P − mean random P; "
+           "★ beyond the noise level.", "",
+           "| method | " + " | ".join(f"{f:.1%}" for f in fractions) + " | beats random at |",
+           "|---|" + "---|" * (len(fractions) + 1)]
+    for m in methods:
+        cells, wins = [], []
+        for f in fractions:
+            if (m, f) not in perf or f not in mean:
+                cells.append("—")
+                continue
+            d = perf[m, f] - mean[f]
+            star = " ★" if d > level else ""
+            cells.append(f"{d:+.3f}{star}")
+            if star:
+                wins.append(f"{f:.1%}")
+        out.append(f"| {m} | " + " | ".join(cells) + f" | {', '.join(wins) or 'none'} |")
+    fr = g["frontier"]
+    on = sorted({p["method"] for p in fr})
+    out += ["", f"**Compute-optimal frontier** (selection + training FLOPs, ccds convention; "
+            f"C_full = {g['c_full']:.2e}): {len(fr)} runs — "
+            + ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in fr)
+            + f". Methods on it: {', '.join(on)}. On the fitted frontier: "
+            f"{', '.join(g.get('fitted_frontier_methods') or []) or 'no fit'}.", ""]
+    if g["fits"]:
+        out += ["**Fits** P(C) = (P̄ − P0)(1 − exp(−λC/C_full)) + P0, λ per C_full; the "
+                "paper's λ is its MMLU rate at Llama-2-7B in the same unit.", "",
+                "| method | λ | λ 95% interval (bootstrap) | R² | points | paper λ (MMLU, 7B) |",
+                "|---|---|---|---|---|---|"]
+        for m, f in sorted(g["fits"].items(), key=lambda kv: -kv[1]["lam"]):
+            iv = (f.get("intervals") or {}).get("lam")
+            out.append(f"| {m} | {f['lam']:.2f} | "
+                       + (f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else "—")
+                       + f" | {f['r2']:.2f} | {f['n']} | "
+                       + (f"{PAPER_LAM[m]:.2f}" if m in PAPER_LAM else "—") + " |")
+        out.append("")
+    elif g["fit_error"]:
+        out += [f"Fit failed: {g['fit_error']}", ""]
+    be = g.get("break_even") or {}
+    if be:
+        out += ["**Break-even model-size ratio** (trained model r× the selection model; also "
+                "the number of tasks one selection must serve): "
+                + ", ".join(f"{m} {'never in range' if r is None else f'{r:.1f}'}"
+                            for m, r in sorted(be.items())) + ".", ""]
+    plot = (g.get("plots") or {}).get("frontier")
+    if plot:
+        out += [f"![{target} frontier](../study/report/{plot})", ""]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("report", type=Path, help="the folder `ccds analyze` wrote")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = ap.parse_args(argv)
+    rows, fits = load(args.report)
+    by_target = defaultdict(list)
+    for r in rows:
+        by_target[r["target"]].append(r)
+    lines = ["# What the small-scale study found", "",
+             f"Generated by `python experiments/results.py {args.report}` from the runs of "
+             f"`ccds sweep run experiments/study.yaml` ({len(rows)} runs) and `ccds analyze`. "
+             "Convention: " + fits["convention"] + " FLOPs.", ""]
+    for g in fits["groups"]:
+        lines += target_section(g["target"], by_target[g["target"]], g)
+    write_text(args.out, "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
