@@ -83,6 +83,15 @@ class TrainResult:
     stage: Stage | None = None
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft probes transformers' deprecated `is_gradient_checkpointing`: a warning per
+    adapter, hundreds in a sweep's log, about nothing the user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+        yield
+
+
 def add_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -90,8 +99,7 @@ def add_lora(model, cfg: TrainConfig):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft probes transformers' deprecated alias
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+        with _quiet_peft():
             return get_peft_model(model, lcfg)
     except ValueError as e:
         raise CcdsError(f"cannot add LoRA ({e})", None,
@@ -351,4 +359,5 @@ def load_adapter(model, adapter: str | Path):
     if not (path / "adapter_model.safetensors").exists():
         raise CcdsError("adapter weights must be safetensors", str(path),
                         "re-save the adapter with safe_serialization=True")
-    return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
