@@ -67,24 +67,6 @@ def worker(method: str, pool: str, target: str, model: str) -> dict:
             "scores_mib": scores.values.nbytes / 2 ** 20, "wall_s": scores.stage.wall_s}
 
 
-def tiny_model(folder: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ccds.models import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -97,7 +79,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(*args.worker)))
         return 0
 
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+    from conftest import build_tiny_llama
     from speed_select import real_documents
 
     from ccds.data.formats import write_examples
@@ -105,7 +88,7 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = tiny_model(Path(tmp) / "tiny")
+        model = str(build_tiny_llama(Path(tmp) / "tiny"))
         docs = real_documents(max(args.sizes))  # shuffled: every size has the same mix
         docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
         for n in args.sizes:

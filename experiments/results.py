@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ccds.io import read_json, write_text
-from ccds.plan import _PAPER_FULL_7B, PAPER_PRIOR
+from ccds.plan import paper_prior
 
-PAPER_LAM = {m: v["rate"] * _PAPER_FULL_7B / 1e18 for m, v in PAPER_PRIOR["methods"].items()}
+PAPER_LAM = {m.name: m.lam for m in paper_prior(7e9)}  # λ per C_full, MMLU, Llama-2-7B
 
 
 def load(report: Path) -> tuple[list[dict], dict]:

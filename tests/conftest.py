@@ -49,7 +49,12 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random-init Llama with SmolLM2's tokenizer (chat template included)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_llama(out: Path) -> Path:
+    """A 2-layer random-init Llama with SmolLM2's tokenizer (chat template included), saved
+    in `out` (the memory benchmark uses it too)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -64,7 +69,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

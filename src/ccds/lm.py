@@ -55,11 +55,10 @@ def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
     """log p(target) for each row of `hidden`. Without gradients, `rows` positions at a time:
     a batch of 8192 response tokens would otherwise hold 8192 × vocab fp32 logits (1.6 GB
     for SmolLM2) and its log-softmax, and peak memory would follow the longest responses."""
-    step = rows if not torch.is_grad_enabled() else len(hidden)
-    return torch.cat([-F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step],
-                                       reduction="none")
-                      for i in range(0, len(hidden), step)]) if len(hidden) else \
-        hidden.new_zeros(0, dtype=torch.float32)
+    step = max(len(hidden), 1) if torch.is_grad_enabled() else rows
+    parts = [-F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step],
+                              reduction="none") for i in range(0, len(hidden), step)]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def plain_head(model):

@@ -96,13 +96,13 @@ class Method(ABC):
         return h.hexdigest()[:20]
 
 
-def aggregate_subtasks(per_subtask: dict[str, np.ndarray], reduce: str) -> np.ndarray:
-    """Combine per-subtask scores (each already a mean over that subtask's V examples)."""
-    stacked = np.stack(list(per_subtask.values()), axis=1)
+def aggregate_subtasks(per_subtask: np.ndarray, reduce: str) -> np.ndarray:
+    """Combine [examples, subtasks] scores (each column already a mean over that subtask's
+    V examples) into one score per example."""
     if reduce == "max":
-        return stacked.max(axis=1)
+        return per_subtask.max(axis=1)
     if reduce == "mean":
-        return stacked.mean(axis=1)
+        return per_subtask.mean(axis=1)
     raise CcdsError(f"unknown subtask reduction '{reduce}'", None, "use mean or max")
 
 

@@ -144,9 +144,8 @@ class Scorer(Pass):
         for lo in range(0, len(examples), n):
             tf, dl = _term_counts(examples[lo:lo + n], self.column)
             w = self.method.weights(tf, dl, self.idf, self.avgdl)
-            per = w @ self.queries
-            out[lo:lo + len(dl)] = aggregate_subtasks(
-                {j: per[:, j] for j in range(per.shape[1])}, self.method.params.reduce)
+            out[lo:lo + len(dl)] = aggregate_subtasks(w @ self.queries,
+                                                      self.method.params.reduce)
             for q in self.queries.T:
                 meter.add(2.0 * w[:, q.nonzero()[0]].nnz, counted=True)
         return out

@@ -102,8 +102,7 @@ class Embed(Method):
         meter.add(2.0 * v.size)
         sims = map_pool(Similarity(self, np.stack(list(means.values())).T.copy()), pool, ctx,
                         meter, key=self.key(pool, target), desc="embed")
-        return aggregate_subtasks({n: sims[:, i] for i, n in enumerate(means)},
-                                  self.params.reduce)
+        return aggregate_subtasks(sims, self.params.reduce)
 
 
 class Similarity(Pass):

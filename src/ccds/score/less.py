@@ -153,7 +153,7 @@ class LESS(Method):
             total += w * (np.asarray(feats) @ centroids)
             meter.add(2.0 * feats.shape[0] * feats.shape[1] * centroids.shape[1])
         meter.stage.detail["reused_flops"] = reused
-        return aggregate_subtasks({n: total[:, i] for i, n in enumerate(groups)}, p.reduce)
+        return aggregate_subtasks(total, p.reduce)
 
     def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,
                  moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, runtime,
