@@ -52,16 +52,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def build_tiny_llama(out: Path) -> Path:
+def build_tiny_llama(out: Path, vocab_size: int | None = None) -> Path:
     """A 2-layer random-init Llama with SmolLM2's tokenizer (chat template included), saved
-    in `out` (the memory benchmark uses it too)."""
+    in `out` (the memory benchmark uses it too). A `vocab_size` below the tokenizer's makes
+    the mismatched pair of the bad-input catalogue."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from ccds.models import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, tie_word_embeddings=True,
                       initializer_range=0.2,  # large enough for LoRA to move the logits

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from conftest import build_tiny_llama
 from test_cli import ccds, one_error_line
 
 GOOD = [{"id": f"e{i}", "prompt": f"question {i}", "response": f"answer {i}"}
@@ -105,6 +106,9 @@ CASES = [
                                        "no-such-model"), ["unknown model"]),
     ("model folder without a tokenizer", lambda t, p, o: (t / "m").mkdir() or (
         "train", "--data", p, "--out", o, "--model", t / "m"), ["m"]),
+    ("tokenizer and model mismatch", lambda t, p, o: (
+        "train", "--data", p, "--out", o, "--model", build_tiny_llama(t / "m", vocab_size=100)),
+     ["49152 tokens", "100 rows"]),
     ("malformed YAML", lambda t, p, o: (t / "c.yaml").write_text("lr: [1, 2\n") and (
         "train", "--data", p, "--out", o, "--config", t / "c.yaml"), ["malformed YAML"]),
     ("YAML that is not a mapping", lambda t, p, o: (t / "c.yaml").write_text("- 1\n") and (

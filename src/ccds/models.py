@@ -146,6 +146,10 @@ def load_causal_lm(name: str, *, attn: str = "sdpa", trust_remote_code: bool = F
     except (OSError, ValueError) as e:
         raise CcdsError(f"cannot load causal LM '{name}' ({_first_line(e)})", None,
                         "check the name, or that the hub is reachable") from None
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:  # ids past the embedding table would index out of range mid-run
+        raise CcdsError(f"the tokenizer has {len(tok)} tokens but the model's embedding has "
+                        f"{n_emb} rows", ref.path, "use the tokenizer saved with this model")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)  # frozen until a trainer says otherwise
