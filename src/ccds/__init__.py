@@ -1,7 +1,18 @@
 """ccds: compute-constrained data selection for LLM fine-tuning."""
 
-from .data.types import Example, Target
-from .errors import CcdsError
+import os as _os
+
+# oneDNN (torch's bf16 CPU matmuls) keeps a compiled kernel per GEMM shape in two caches of
+# 1024 entries each, a few hundred KB per entry. Batches of variable length make new shapes
+# all the time, so with the defaults a scoring pass's memory climbs for ~100k examples before
+# it levels off (benchmarks/memory.py). 64 entries hold every shape of a LoRA training step
+# (about 20); rebuilding a kernel costs about a millisecond, against seconds per batch. Read
+# at the first bf16 matmul; a value the user set wins.
+for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    _os.environ.setdefault(_var, "64")
+
+from .data.types import Example, Target  # noqa: E402
+from .errors import CcdsError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["CcdsError", "Example", "Target", "__version__"]
