@@ -9,6 +9,11 @@ when the 100k scoring peak exceeds the 10k one by less than the extra scores the
 prefixes of one shuffled pool, so they hold the same mix of lengths (a batch's memory follows
 its longest sequences and responses, not the pool's size).
 
+The workers import ccds, so oneDNN's kernel caches are capped as ccds caps them (see
+ccds/__init__.py); without the cap the perplexity pass's peak climbed with every new batch
+shape (+1.85 GB from 10k to 100k at commit 14cf173). Wall times are only indicative: the
+other rows' processes may share the CPU with other work.
+
 Methods: BM25 (both passes), and perplexity scoring through the model pass with a 2-layer
 model (SmolLM2's tokenizer, random weights): the memory of the pass is the code's, not the
 model's; SmolLM2 itself would take hours at 100k on this CPU.

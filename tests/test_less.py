@@ -76,6 +76,11 @@ def test_projection_is_seeded_chunk_invariant_and_norm_preserving():
     assert (block[0, :16] > 0).int().tolist() == [1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
     assert (block[999, -8:] > 0).int().tolist() == [1, 0, 0, 1, 1, 1, 0, 0]
     assert (proj.block(2)[0, :8] > 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    # the byte lookup gives exactly the unpacked signs, also when k is not a multiple of 8
+    odd = RademacherProjection(100, 13, seed=3, chunk=40)
+    signs = np.unpackbits(odd._bits(1), axis=1, count=13).astype(np.float32) * 2 - 1
+    assert torch.equal(odd.block(1), torch.from_numpy(signs) / np.sqrt(13))
+    assert odd.block(2).shape == (20, 13)
 
 
 def test_less_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
