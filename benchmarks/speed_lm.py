@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,20 +71,22 @@ def gemm_ceiling(model, tokens: int = 8192) -> float:
     return flops / secs / 1e9
 
 
-def time_shares(model, enc, pad_id: int) -> dict[str, float]:
-    """Where a scoring pass's time goes (torch profiler, self CPU time): the model's matrix
-    multiplies, attention, and everything else (norms, rotary, activations, casts)."""
+def time_shares(fn) -> dict[str, float]:
+    """Where `fn`'s time goes (torch profiler, self CPU time): matrix multiplies, attention
+    (forward and backward), the optimizer, and everything else (norms, rotary, activations,
+    casts, their gradients)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        score_sequences(model, enc, pad_id, pick_runtime(dtype="bf16"), max_tokens=8192)
-    shares = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        fn()
+    shares = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
     for e in prof.key_averages():
         kind = ("gemm" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
-                "attention" if "scaled_dot_product" in e.key else "other")
+                "attention" if "scaled_dot_product" in e.key else
+                "optimizer" if "foreach" in e.key or "adam" in e.key.lower() else "other")
         shares[kind] += e.self_cpu_time_total
     total = sum(shares.values())
-    return {k: v / total for k, v in shares.items()}
+    return {k: v / total for k, v in shares.items() if v}
 
 
 def compiled_scoring(model, enc, pad_id: int, flops: float) -> dict:
@@ -113,7 +116,8 @@ def bench_scoring(model, tok, pool, n_ref: int, peak_bf16: float) -> dict:
         s = score_sequences(ours_model, enc, tok.pad_token_id, bf16, max_tokens=8192)
         times.append(time.perf_counter() - t)
     sub = encode(pool[:200], tok, 512)
-    shares = time_shares(ours_model, sub, tok.pad_token_id)
+    shares = time_shares(partial(score_sequences, ours_model, sub, tok.pad_token_id, bf16,
+                                 max_tokens=8192))
     ours_sub = time.perf_counter()
     score_sequences(ours_model, sub, tok.pad_token_id, bf16, max_tokens=8192)
     ours_sub = time.perf_counter() - ours_sub
@@ -213,7 +217,10 @@ def bench_training(model, tok, pool, peak_bf16: float) -> dict:
     wall = time.perf_counter() - t
     res.model.unload()
     stage = ledger.stages[0]
-    return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall,
+    shares = time_shares(lambda: train(
+        pool[:60], cfg, model=copy.deepcopy(model), tokenizer=tok,
+        runtime=pick_runtime(dtype="bf16"), progress=None).model.unload())
+    return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall, "time_shares": shares,
             "tokens_per_s": res.tokens / wall, "model_flops": stage.analytic_flops,
             "gflops": stage.analytic_flops / wall / 1e9,
             "mfu_bf16": stage.analytic_flops / wall / 1e9 / peak_bf16}
@@ -247,8 +254,10 @@ def markdown(r: dict) -> str:
         f"| LoRA training, SmolLM2-135M | {t['examples']} examples, {t['tokens']:,} tokens | "
         f"{t['tokens_per_s']:,.0f} tok/s ({t['gflops']:.0f} GFLOP/s) | — | — | "
         f"{t['mfu_bf16']:.0%} | MFU ≥ 40% | — |", "",
-        "Where scoring's time goes (profiler, self time, 200 examples): "
+        "Where the time goes (profiler, self time): scoring 200 examples "
         + ", ".join(f"{k} {v:.0%}" for k, v in s["time_shares"].items())
+        + "; LoRA training on 60 examples "
+        + ", ".join(f"{k} {v:.0%}" for k, v in t["time_shares"].items())
         + f". Headroom, not a ccds path: with the decoder under `torch.compile` (inductor fuses "
         f"the elementwise work) the same 200 examples score {s['compiled']['speedup']:.2f}x "
         f"faster ({s['compiled']['gflops']:.0f} GFLOP/s, "

@@ -76,6 +76,7 @@ def limits(r: dict) -> list[str]:
         return []
     lm = r["speed_lm"]
     pk, s, c, g = lm["peak"], lm["scoring"], lm["scoring"]["compiled"], lm["less"]
+    t = lm["training"]
     sh = s["time_shares"]
     saved = (c["speedup"] - 1) * c["wall_s"] / c["examples"]  # seconds saved per example
     even = c["compile_s"] / saved if saved > 0 else float("inf")
@@ -98,7 +99,13 @@ def limits(r: dict) -> list[str]:
            f"{even:,.0f} examples. ccds does not compile by default: most pools a CPU scores "
            "are smaller, and training and per-example gradients through PEFT would need their "
            "own compiled graphs. Training and LESS's gradients add the backward pass, whose "
-           "attention and elementwise kernels are slower still, so their MFU is lower.",
+           "attention and elementwise kernels are slower still, so their MFU is lower"
+           + (": in LoRA training the matrix multiplies take "
+              f"{t['time_shares']['gemm']:.0%} of the time, attention "
+              f"{t['time_shares'].get('attention', 0):.0%}, the optimizer "
+              f"{t['time_shares'].get('optimizer', 0):.0%} and the elementwise rest, forward "
+              f"and backward, {t['time_shares']['other']:.0%}." if "time_shares" in t
+              else "."),
            "",
            f"LESS's per-example gradients: the reference loop runs one example per call, but "
            f"an example is {s['tokens'] / s['examples']:.0f} tokens on average in this pool, "
