@@ -282,6 +282,8 @@ class RademacherProjection:
                  cache_bytes: int = 1 << 30):
         self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
         self._cache: dict[int, np.ndarray] | None = {} if n * k / 8 <= cache_bytes else None
+        signs = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)  # byte -> 8 signs
+        self._table = torch.from_numpy(signs.astype(np.float32) * 2 - 1) / np.sqrt(k)
 
     def __getstate__(self) -> dict:  # the matrix is rebuilt from the seed, not shipped
         d = dict(self.__dict__)
@@ -301,10 +303,8 @@ class RademacherProjection:
     def block(self, c: int) -> torch.Tensor:
         """Rows of R for chunk c. Each packed byte looks up its 8 signs in a 256-row table:
         one multithreaded pass, 3-4x faster than unpacking bits then scaling, same values."""
-        table = (torch.from_numpy(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
-                                  .astype(np.float32) * 2 - 1) / np.sqrt(self.k))
         bits = torch.from_numpy(self._bits(c)).int()
-        return F.embedding(bits, table).reshape(len(bits), -1)[:, :self.k]
+        return F.embedding(bits, self._table).reshape(len(bits), -1)[:, :self.k]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
