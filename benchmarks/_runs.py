@@ -4,7 +4,6 @@ stopped."""
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from collections import Counter
@@ -12,6 +11,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from peak import cpu
 
 from ccds.evaluate import EvalConfig, evaluate
 from ccds.flops import Ledger
@@ -83,7 +83,7 @@ class Runner:
         return {"command": "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name,
                                                  *sys.argv[1:]]),
                 "date": str(date.today()),
-                "machine": f"{platform.processor() or platform.machine()}, "
+                "machine": f"{cpu()}, "
                            f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
                            f"{self.rt.device.type} {self.rt.dtype_name}",
                 "pool": {"size": len(self.pool), "tokens": int(self.lengths.sum()),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from peak import cpu
 
 HERE = Path(__file__).parent
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                            "bytes_per_extra_example": growth * 2 ** 20 / (big - small),
                            "repeat_spread_mib": noise, "streams": growth <= extra_scores + noise}
     r = {"command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
-         "date": str(date.today()), "machine": platform.processor() or platform.machine(),
+         "date": str(date.today()), "machine": cpu(),
          "rows": rows, "verdict": verdict}
     write_json(args.out / "memory.json", r)
     lines = ["# Memory: does scoring stream the pool?", "",

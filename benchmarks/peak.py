@@ -28,8 +28,25 @@ def peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 2.0
     return best
 
 
+def cpu() -> str:
+    """The CPU's model name and its matrix instruction sets (AMX, AVX512-BF16, AVX512),
+    which decide whether bf16 or fp32 is the faster dtype."""
+    import platform
+    import re
+    from pathlib import Path
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    isa = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("avx512f", "AVX512")) if f" {flag}" in info]
+    return f"{name.group(1) if name else platform.machine()} ({', '.join(isa) or 'no AVX512'})"
+
+
 def main() -> int:
-    out = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+    out = {"cpu": cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "fp32_gflops": round(peak(torch.float32), 1),
            "bf16_gflops": round(peak(torch.bfloat16), 1)}
     print(json.dumps(out))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
+
+from peak import cpu
 
 HERE = Path(__file__).parent
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
             r["gflops"] = 2 * r["rows"] * r["n"] * r["k"] / float(np.median(r["times_s"])) / 1e9
     res = {"command": "python benchmarks/projection.py " + " ".join(sys.argv[1:]),
            "date": str(date.today()),
-           "machine": f"{platform.processor() or platform.machine()}, "
+           "machine": f"{cpu()}, "
                       f"{torch.get_num_threads()} threads, {ram_mib / 1024:.0f} GiB",
            "n": n, "rows": rows, "wall_s": time.perf_counter() - t0}
     write_json(args.out / "projection.json", res)

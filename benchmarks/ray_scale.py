@@ -15,7 +15,6 @@ writing the shards and starting the actors; Ray itself is started before timing.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peak import cpu
 from scipy.stats import spearmanr
 
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             "top5_overlap": len(set(np.argsort(got)[:k]) & set(np.argsort(local)[:k])) / k})
     out = {"command": "python benchmarks/ray_scale.py " + " ".join(argv or sys.argv[1:]),
            "date": date.today().isoformat(),
-           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+           "machine": f"{cpu()}, {torch.get_num_threads()} threads, torch "
                       f"{torch.__version__}, {rt.dtype_name}, ray {ray.__version__}",
            "pool": {"examples": len(pool), "tokens": results["local"]["tokens"],
                     "shard": args.shard},

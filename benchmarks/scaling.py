@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from peak import cpu
 
 HERE = Path(__file__).parent
 # the largest pool each method is timed on here; the SmolLM2 passes run ~2k tokens/s
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
 
     r = {"command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
-         "date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
+         "date": str(date.today()), "machine": f"{cpu()}, "
          f"{torch.get_num_threads()} threads, torch {torch.__version__}", "rows": rows}
     write_json(args.out / "scaling.json", r)
 

@@ -2,15 +2,16 @@
 against the reference style, in one run:
 
 - loss / perplexity scoring of a real pool with SmolLM2-135M: ccds's `score_sequences`
-  (length-bucketed batches, bf16 autocast, LM head only at response positions; what
-  `ccds score ppl` and every loss-based method run) vs one example at a time in fp32 with
-  full logits (the S2L and CCDS reference code); MFU against the bf16 peak, same scores;
+  (length-bucketed batches, the dtype `auto` picks here, LM head only at response
+  positions; what `ccds score ppl` and every loss-based method run) vs one example at a
+  time in fp32 with full logits (the S2L and CCDS reference code); MFU, same scores;
 - LESS per-example LoRA gradients: one backward per batch (ccds) vs one backward per example,
   equal features (cosine);
 - LoRA training of SmolLM2-135M: tokens/s and MFU.
 
 MFU = model FLOPs (ccds convention, real tokens only, padding not counted) / wall time /
-the bf16 matmul peak measured in the same run.
+the matmul peak, measured in the same run, of the dtype ccds runs in on this machine
+(`pick_runtime()`: bf16 autocast where it is measured faster than fp32, else fp32).
 
     .venv/bin/python benchmarks/speed_lm.py            # ~15 min on the 2-core CPU
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import time
 from datetime import date
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peak import peak
+from peak import cpu, peak
 from scipy.stats import spearmanr
 
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
@@ -48,20 +48,21 @@ def real_pool(n: int, seed: int = 0):
     return [docs[i] for i in idx]
 
 
-def placed(model):
-    """A copy placed as every ccds pass places its model: frozen weights in bf16."""
-    return pick_runtime(dtype="bf16").place(copy.deepcopy(model))
+def placed(model, rt):
+    """A copy placed as every ccds pass places its model (frozen weights in the autocast
+    dtype)."""
+    return rt.place(copy.deepcopy(model))
 
 
-def gemm_ceiling(model, tokens: int = 8192) -> float:
-    """GFLOP/s of the model's own linear layers alone (bf16, `tokens` rows): the best any
+def gemm_ceiling(model, dtype: torch.dtype, tokens: int = 8192) -> float:
+    """GFLOP/s of the model's own linear layers alone (`tokens` rows): the best any
     implementation keeping these shapes could do, before attention and norms."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules()
                      if isinstance(m, torch.nn.Linear) and m.out_features < 10_000})
     flops = secs = 0.0
     for out_f, in_f in shapes:
-        x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
-        w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
+        x = torch.randn(tokens, in_f, dtype=dtype)
+        w = torch.randn(out_f, in_f, dtype=dtype)
         torch.nn.functional.linear(x, w)
         t = time.perf_counter()
         for _ in range(10):
@@ -89,12 +90,11 @@ def time_shares(fn) -> dict[str, float]:
     return {k: v / total for k, v in shares.items() if v}
 
 
-def compiled_scoring(model, enc, pad_id: int, flops: float) -> dict:
+def compiled_scoring(model, enc, pad_id: int, flops: float, rt) -> dict:
     """Headroom, not a ccds path: the same pass with the decoder under torch.compile
     (inductor fuses the elementwise work), its one-off compile time apart."""
     dec = model.get_decoder()
     dec.forward = torch.compile(dec.forward, dynamic=True)
-    rt = pick_runtime(dtype="bf16")
     t = time.perf_counter()
     score_sequences(model, enc, pad_id, rt, max_tokens=8192)
     first = time.perf_counter() - t
@@ -105,24 +105,23 @@ def compiled_scoring(model, enc, pad_id: int, flops: float) -> dict:
             "gflops": flops / wall / 1e9}
 
 
-def bench_scoring(model, tok, pool, n_ref: int, peak_bf16: float) -> dict:
-    bf16 = pick_runtime(dtype="bf16")
+def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
     enc = encode(pool, tok, 512)
     counts = param_counts(model)
     flops = forward_flops(counts, encoded_work(enc))
-    times, ours_model = [], placed(model)
+    times, ours_model = [], placed(model, rt)
     for _ in range(2):
         t = time.perf_counter()
-        s = score_sequences(ours_model, enc, tok.pad_token_id, bf16, max_tokens=8192)
+        s = score_sequences(ours_model, enc, tok.pad_token_id, rt, max_tokens=8192)
         times.append(time.perf_counter() - t)
     sub = encode(pool[:200], tok, 512)
-    shares = time_shares(partial(score_sequences, ours_model, sub, tok.pad_token_id, bf16,
+    shares = time_shares(partial(score_sequences, ours_model, sub, tok.pad_token_id, rt,
                                  max_tokens=8192))
     ours_sub = time.perf_counter()
-    score_sequences(ours_model, sub, tok.pad_token_id, bf16, max_tokens=8192)
+    score_sequences(ours_model, sub, tok.pad_token_id, rt, max_tokens=8192)
     ours_sub = time.perf_counter() - ours_sub
     compiled = compiled_scoring(ours_model, sub, tok.pad_token_id,
-                                forward_flops(counts, encoded_work(sub)))
+                                forward_flops(counts, encoded_work(sub)), rt)
     compiled["speedup"] = ours_sub / compiled["wall_s"]
     del ours_model
     ours = s["nll_sum"] / np.maximum(s["n_tokens"], 1)
@@ -148,7 +147,7 @@ def bench_scoring(model, tok, pool, n_ref: int, peak_bf16: float) -> dict:
             "ccds_s": {"min": min(times), "median": float(np.median(times)),
                        "max": max(times), "repeats": len(times)},
             "ccds_tokens_per_s": float(ours_tps), "ccds_gflops": flops / np.median(times) / 1e9,
-            "mfu_bf16": flops / np.median(times) / 1e9 / peak_bf16,
+            "mfu": flops / np.median(times) / 1e9 / peak_gflops,
             "reference_examples": n_ref, "reference_s": t_ref,
             "reference_tokens_per_s": float(ref_tps),
             "reference_gflops": ref_flops / t_ref / 1e9,
@@ -208,22 +207,22 @@ def bench_less(model, tok, pool) -> dict:
     return out
 
 
-def bench_training(model, tok, pool, peak_bf16: float) -> dict:
+def bench_training(model, tok, pool, rt, peak_gflops: float) -> dict:
     cfg = TrainConfig(epochs=1, lr=2e-4, batch_tokens=2048, max_len=512)
     ledger = Ledger()
     t = time.perf_counter()
-    res = train(pool, cfg, model=copy.deepcopy(model), tokenizer=tok, runtime=pick_runtime(dtype="bf16"),
+    res = train(pool, cfg, model=copy.deepcopy(model), tokenizer=tok, runtime=rt,
                 ledger=ledger, progress=None)
     wall = time.perf_counter() - t
     res.model.unload()
     stage = ledger.stages[0]
     shares = time_shares(lambda: train(
         pool[:60], cfg, model=copy.deepcopy(model), tokenizer=tok,
-        runtime=pick_runtime(dtype="bf16"), progress=None).model.unload())
+        runtime=rt, progress=None).model.unload())
     return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall, "time_shares": shares,
             "tokens_per_s": res.tokens / wall, "model_flops": stage.analytic_flops,
             "gflops": stage.analytic_flops / wall / 1e9,
-            "mfu_bf16": stage.analytic_flops / wall / 1e9 / peak_bf16}
+            "mfu": stage.analytic_flops / wall / 1e9 / peak_gflops}
 
 
 def markdown(r: dict) -> str:
@@ -232,17 +231,18 @@ def markdown(r: dict) -> str:
         "# Language-model passes: MFU and speed beside the reference style", "",
         f"Command: `{r['command']}` — {r['date']}, {r['machine']}, {r['wall_s'] / 60:.1f} min.",
         f"Peak measured in this run: fp32 {r['peak']['fp32_gflops']:.0f}, bf16 "
-        f"{r['peak']['bf16_gflops']:.0f} GFLOP/s (2048² matmul); SmolLM2's own linear layers "
-        f"alone, bf16, 8192 rows: {r['peak']['model_gemm_gflops']:.0f} GFLOP/s "
-        f"({r['peak']['model_gemm_gflops'] / r['peak']['bf16_gflops']:.0%} of the peak: the "
+        f"{r['peak']['bf16_gflops']:.0f} GFLOP/s (2048² matmul); ccds runs in "
+        f"**{r['dtype']}** here, so MFU is against the {r['dtype']} peak. SmolLM2's own linear "
+        f"layers alone, {r['dtype']}, 8192 rows: {r['peak']['model_gemm_gflops']:.0f} GFLOP/s "
+        f"({r['peak']['model_gemm_gflops'] / r['peak']['used_gflops']:.0%} of the peak: the "
         "ceiling at this model's shapes before attention and norms). MFU counts real tokens' "
         "model FLOPs (ccds convention), not padding.", "",
-        "| pass | size | ccds | reference | speedup | MFU (bf16 peak) | target | agreement |",
+        f"| pass | size | ccds ({r['dtype']}) | reference | speedup | MFU | target | agreement |",
         "|---|---|---|---|---|---|---|---|",
         f"| loss scoring, SmolLM2-135M | {s['examples']} real examples, {s['tokens']:,} tokens "
         f"| {s['ccds_tokens_per_s']:,.0f} tok/s ({s['ccds_gflops']:.0f} GFLOP/s) "
         f"| {s['reference_tokens_per_s']:,.0f} tok/s (1 at a time, fp32, "
-        f"{s['reference_examples']} ex) | {s['speedup']:.1f}x | {s['mfu_bf16']:.0%} "
+        f"{s['reference_examples']} ex) | {s['speedup']:.1f}x | {s['mfu']:.0%} "
         f"| ≥ 5x, MFU ≥ 50% | per-example NLL rel. diff median {s['median_rel_diff']:.1e}, "
         f"max {s['max_rel_diff']:.1e}; Spearman {s['spearman']:.4f} |",
         f"| LESS per-example LoRA gradients | {g['examples']} examples, {g['lora_params']:,} "
@@ -253,7 +253,7 @@ def markdown(r: dict) -> str:
         f"{g['cosine_fp32_min']:.6f} |",
         f"| LoRA training, SmolLM2-135M | {t['examples']} examples, {t['tokens']:,} tokens | "
         f"{t['tokens_per_s']:,.0f} tok/s ({t['gflops']:.0f} GFLOP/s) | — | — | "
-        f"{t['mfu_bf16']:.0%} | MFU ≥ 40% | — |", "",
+        f"{t['mfu']:.0%} | MFU ≥ 40% | — |", "",
         "Where the time goes (profiler, self time): scoring 200 examples "
         + ", ".join(f"{k} {v:.0%}" for k, v in s["time_shares"].items())
         + "; LoRA training on 60 examples "
@@ -261,7 +261,7 @@ def markdown(r: dict) -> str:
         + f". Headroom, not a ccds path: with the decoder under `torch.compile` (inductor fuses "
         f"the elementwise work) the same 200 examples score {s['compiled']['speedup']:.2f}x "
         f"faster ({s['compiled']['gflops']:.0f} GFLOP/s, "
-        f"{s['compiled']['gflops'] / r['peak']['bf16_gflops']:.0%} MFU) after a "
+        f"{s['compiled']['gflops'] / r['peak']['used_gflops']:.0%} MFU) after a "
         f"{s['compiled']['compile_s']:.0f} s compile.", ""])
 
 
@@ -276,18 +276,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     r = {"command": "python benchmarks/speed_lm.py " + " ".join(sys.argv[1:]),
          "date": str(date.today()),
-         "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+         "machine": f"{cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
          "peak": {"fp32_gflops": peak(torch.float32), "bf16_gflops": peak(torch.bfloat16)}}
+    rt = pick_runtime()  # what every ccds command runs in on this machine
+    r["dtype"] = rt.dtype_name.replace("bfloat16", "bf16")
+    r["peak"]["used_gflops"] = r["peak"][f"{r['dtype']}_gflops"]
     model, tok, _ = load_causal_lm("smollm2-135m")
-    r["peak"]["model_gemm_gflops"] = gemm_ceiling(model)
+    r["peak"]["model_gemm_gflops"] = gemm_ceiling(model, rt.autocast or torch.float32)
     print(r["peak"], flush=True)
     pool = real_pool(args.pool)
-    r["scoring"] = bench_scoring(model, tok, pool, args.reference, r["peak"]["bf16_gflops"])
+    r["scoring"] = bench_scoring(model, tok, pool, args.reference, rt,
+                                r["peak"]["used_gflops"])
     print(r["scoring"], flush=True)
     r["less"] = bench_less(model, tok, pool[: args.less])
     print(r["less"], flush=True)
-    r["training"] = bench_training(model, tok, pool[: args.train], r["peak"]["bf16_gflops"])
+    r["training"] = bench_training(model, tok, pool[: args.train], rt,
+                                  r["peak"]["used_gflops"])
     print(r["training"], flush=True)
     r["wall_s"] = time.perf_counter() - t0
     write_json(args.out / "speed_lm.json", r)

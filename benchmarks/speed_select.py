@@ -16,13 +16,13 @@ reference implementation does it, in one run:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
+from peak import cpu
 from scipy.stats import spearmanr
 
 from ccds.data.sources import (
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     r = {"command": "python benchmarks/speed_select.py " + " ".join(sys.argv[1:]),
          "date": str(date.today()),
-         "machine": f"{platform.processor() or platform.machine()}, "
+         "machine": f"{cpu()}, "
                     f"{torch.get_num_threads()} threads"}
     print("facility location ...", flush=True)
     r["facility"] = bench_facility(args.facility, 0.05)

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccds import CcdsError
-from ccds.models import cpu_has_native_bf16, pick_runtime, resolve
+from ccds import CcdsError, models
+from ccds.models import cpu_prefers_bf16, pick_runtime, resolve
 
 
 def test_embedded_aliases_resolve_offline():
@@ -37,7 +37,7 @@ def test_local_dir_fingerprint_tracks_content(tiny_model_dir, tmp_path):
 
 def test_runtime_choice(monkeypatch):
     rt = pick_runtime()
-    want = torch.bfloat16 if cpu_has_native_bf16() else None
+    want = torch.bfloat16 if cpu_prefers_bf16() else None
     if not torch.cuda.is_available():
         assert rt.device.type == "cpu" and rt.autocast == want
     monkeypatch.setenv("CCDS_DTYPE", "bf16")
@@ -47,6 +47,35 @@ def test_runtime_choice(monkeypatch):
     monkeypatch.setenv("CCDS_DTYPE", "fp8")
     with pytest.raises(CcdsError, match="unknown dtype"):
         pick_runtime()
+
+
+def test_cpu_dtype_is_measured_once_and_cached(monkeypatch, tmp_path):
+    """`auto` picks bf16 only where its matmul is measured 1.25x fp32's, and a machine keeps
+    its answer (read from the cache, not re-measured)."""
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    rates = {torch.float32: 330.0, torch.bfloat16: 168.0}  # AVX512-BF16 without AMX
+    calls = []
+
+    def measured():
+        calls.append(1)
+        return dict(rates)
+
+    monkeypatch.setattr(models, "_matmul_gflops", measured)
+    assert cpu_prefers_bf16() is False and len(calls) == 1
+    [cached] = (tmp_path / "cpu-dtype").glob("*.json")
+    assert '"bf16_gflops": 168.0' in cached.read_text()
+    rates[torch.bfloat16] = 418.0  # a faster bf16 now would not flip the recorded choice
+    assert cpu_prefers_bf16() is False and len(calls) == 1
+    cached.unlink()
+    assert cpu_prefers_bf16() is True and len(calls) == 2
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)  # emulated bf16
+    assert cpu_prefers_bf16() is False and len(calls) == 2
+
+
+def test_cpu_dtype_measurement_is_real():
+    rate = models._matmul_gflops(256, 0.05)
+    assert rate[torch.float32] > 1 and rate[torch.bfloat16] > 0.1
 
 
 def test_smollm2_loads_with_chat_template(smollm2):
