@@ -279,7 +279,7 @@ def main(argv=None) -> int:
          "machine": f"{cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
          "peak": {"fp32_gflops": peak(torch.float32), "bf16_gflops": peak(torch.bfloat16)}}
     rt = pick_runtime()  # what every ccds command runs in on this machine
-    r["dtype"] = rt.dtype_name.replace("bfloat16", "bf16")
+    r["dtype"] = rt.dtype_name
     r["peak"]["used_gflops"] = r["peak"][f"{r['dtype']}_gflops"]
     model, tok, _ = load_causal_lm("smollm2-135m")
     r["peak"]["model_gemm_gflops"] = gemm_ceiling(model, rt.autocast or torch.float32)

@@ -54,6 +54,23 @@ def test_scores_are_cached_by_content(synth, tmp_path):
     assert not run(get_method("bm25"), pool, targets[0], cache=tmp_path).cached
 
 
+def test_model_scores_are_keyed_by_the_dtype_they_ran_in(synth, tiny_model_dir):
+    """bf16 and fp32 scores differ in their last digits, and `auto` is bf16 on one machine
+    and fp32 on another: a model-based method's cache key names the dtype; BM25's does not
+    need to."""
+    from ccds.models import pick_runtime
+    from ccds.score import Context
+
+    pool, targets = synth
+    fp32, bf16 = (Context(runtime=pick_runtime(dtype=d)) for d in ("fp32", "bf16"))
+    for name, params in (("ppl", {"model": str(tiny_model_dir)}),
+                         ("s2l", {"proxy": str(tiny_model_dir)})):
+        m = get_method(name, **params)
+        assert m.key(pool, targets[0], fp32) != m.key(pool, targets[0], bf16)
+    bm25 = get_method("bm25")
+    assert bm25.key(pool, targets[0], fp32) == bm25.key(pool, targets[0], bf16)
+
+
 @pytest.mark.data
 def test_bm25_agrees_with_rank_bm25_on_real_data(shared_data):
     from rank_bm25 import BM25Okapi

@@ -142,3 +142,22 @@ def test_sweep_builds_its_pool_from_shared_data(tmp_path, shared_data):
     again, _ = _data(cfg)  # built once, then read back
     assert [e.id for e in again] == [e.id for e in pool]
     assert len(list(tmp_path.glob("pool-*.jsonl"))) == 1
+
+
+def test_resolved_dtype_is_part_of_every_key(tmp_path, tiny_model_dir, monkeypatch):
+    """`auto` means bf16 on one machine and fp32 on another: a sweep resumed elsewhere must
+    not count the other dtype's rows as done, nor reuse its adapters or model scores."""
+    from ccds.sweep import load_config, run_sweep
+
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, tmp_path / "s",
+                                   methods=["random"], fractions=[0.2],
+                                   synth={"n_pool": 30, "n_test": 4, "n_val": 4}))
+    for dtype, n in (("fp32", 1), ("bf16", 2), ("fp32", 2)):
+        monkeypatch.setenv("CCDS_DTYPE", dtype)
+        run_sweep(cfg, log=lambda _: None)
+        got = list(Store(tmp_path / "s" / "runs.sqlite").runs())
+        assert sorted(r["dtype"] for r in got) == sorted(["fp32", "bf16"][:n])
+    assert len(list((tmp_path / "s" / "trained").glob("*/*/result.json"))) == 2
+    meta = Store(tmp_path / "s" / "runs.sqlite").meta()
+    assert len([k for k in meta if k.startswith("zero_shot/")]) == 1  # re-measured per dtype

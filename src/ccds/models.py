@@ -69,7 +69,7 @@ class Runtime:
 
     @property
     def dtype_name(self) -> str:
-        return "fp32" if self.autocast is None else str(self.autocast).removeprefix("torch.")
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
 
 
 def cache_dir() -> Path:

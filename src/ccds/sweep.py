@@ -174,8 +174,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     done = 0
     t0 = time.perf_counter()
     for model_name in cfg.models:
-        tcfg = cfg.train.model_copy(update={"model": model_name})
-        rt = pick_runtime(tcfg.device, tcfg.dtype)
+        rt = pick_runtime(cfg.train.device, cfg.train.dtype)
+        # the dtype `auto` resolved to on this machine goes into every key: a sweep resumed
+        # on a machine where `auto` means another dtype must not mix the two in one study
+        tcfg = cfg.train.model_copy(update={"model": model_name, "dtype": rt.dtype_name})
         model, tok, ref = load_causal_lm(model_name)
         rt.place(model)
         enc = encode(pool, tok, tcfg.max_len)
@@ -229,7 +231,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
                                       ledger=ledger, label=spec.tag, progress=None)
                         model = trained.unload()
                         tr = ledger.stages[1]
-                        row = {"target": target.name, "model": model_name,
+                        row = {"target": target.name, "model": model_name, "dtype": rt.dtype_name,
                                "method": spec.tag, "method_name": spec.name,
                                "params": spec.params, "fraction": f, "seed": seed,
                                "selection_flops": sc.stage.analytic_flops,
@@ -281,7 +283,7 @@ def _zero_shot(store, model, tok, target, cfg: SweepConfig, rt, model_name: str,
     from .score.base import examples_hash
 
     key = stable_hash(examples_hash(target.test), fingerprint, cfg.eval.model_dump(),
-                      cfg.metric, cfg.train.max_len)
+                      cfg.metric, cfg.train.max_len, rt.dtype_name)
     name = f"zero_shot/{target.name}/{model_name}"
     if store.meta().get(name, {}).get("key") == key:
         return

@@ -174,8 +174,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(steps)))
     save_at = {round(len(steps) * (i + 1) / cfg.checkpoints) for i in range(cfg.checkpoints)}
-    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops"}), counts_key(model),
-                          [(e.id, e.prompt, e.response) for e in examples])
+    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops"}), rt.dtype_name,
+                          counts_key(model), [(e.id, e.prompt, e.response) for e in examples])
     resumed = (_resume(Path(out), run_key, model, opt, sched, named)
                if out is not None and cfg.lora and cfg.save_optimizer else None)
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)

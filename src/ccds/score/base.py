@@ -86,10 +86,16 @@ class Method(ABC):
         """The selected indices in the order training should see them (if order="given")."""
         return subset
 
-    def key(self, pool: Sequence[Example], target: Target | None) -> str:
+    def key(self, pool: Sequence[Example], target: Target | None,
+            ctx: Context | None = None) -> str:
+        """What the scores depend on; a model-based scorer's include the dtype it ran in
+        (bf16 and fp32 scores differ in their last digits, and `auto` differs by machine)."""
         h = hashlib.sha256()
         p = self.params.model_dump_json(exclude=set(self.params.execution))
-        for part in (self.name, p, self.fingerprint(),
+        model = self.fingerprint()
+        if model and ctx is not None:
+            model += f"/{ctx.runtime.dtype_name}"
+        for part in (self.name, p, model,
                      examples_hash(pool), target_hash(target) if self.needs_target else ""):
             h.update(part.encode())
             h.update(b"\0")
@@ -134,7 +140,7 @@ def run(method: Method, pool: Sequence[Example], target: Target | None = None, *
     path = None
     if cache is not None:
         root = cache_dir() / "scores" if cache == "default" else Path(cache)
-        path = root / f"{method.name}-{method.key(pool, target)}.parquet"
+        path = root / f"{method.name}-{method.key(pool, target, ctx)}.parquet"
         if path.exists():
             got = read_scores(path)
             if got is not None and got.ids == [e.id for e in pool]:

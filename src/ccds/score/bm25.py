@@ -97,7 +97,7 @@ class BM25(Method):
         terms, queries = self._queries(target, stats)
         scorer = Scorer(self, stats.idf(terms, p.epsilon), {t: j for j, t in enumerate(terms)},
                         stats.total_len / max(stats.n, 1), np.stack(list(queries.values()), 1))
-        return map_pool(scorer, pool, ctx, meter, key=self.key(pool, target), desc="bm25")
+        return map_pool(scorer, pool, ctx, meter, key=self.key(pool, target, ctx), desc="bm25")
 
     def weights(self, tf: sp.csr_matrix, dl: np.ndarray, idf: np.ndarray,
                 avgdl: float) -> sp.csr_matrix:

@@ -101,7 +101,7 @@ class Embed(Method):
         means = {name: v[idx].mean(axis=0) for name, idx in target.val_by_subtask().items()}
         meter.add(2.0 * v.size)
         sims = map_pool(Similarity(self, np.stack(list(means.values())).T.copy()), pool, ctx,
-                        meter, key=self.key(pool, target), desc="embed")
+                        meter, key=self.key(pool, target, ctx), desc="embed")
         return aggregate_subtasks(sims, self.params.reduce)
 
 

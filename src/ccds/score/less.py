@@ -86,10 +86,11 @@ class LESS(Method):
                     + 2.0 * len(pool) * len(target.subtasks) * p.proj_dim)
         return lora_step_flops(counts, warm) * cfg.epochs + per_ckpt * cfg.checkpoints
 
-    def pool_key(self, pool) -> str:
+    def pool_key(self, pool, ctx) -> str:
         """Identity of the target-independent work: warmup and pool features."""
         p = self.params.model_dump(exclude={"reduce", *self.params.execution})
-        return stable_hash([p, self.fingerprint(), examples_hash(pool)])[:20]
+        return stable_hash([p, self.fingerprint(), ctx.runtime.dtype_name,
+                            examples_hash(pool)])[:20]
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         """Warmup and pool features depend on the pool only, so they are kept on disk and
@@ -98,7 +99,7 @@ class LESS(Method):
         stage's `detail.reused` says how much), so each target's ledger shows LESS's full
         price; amortising it over tasks is the analysis' job."""
         p = self.params
-        root = cache_dir() / "less" / self.pool_key(pool)
+        root = cache_dir() / "less" / self.pool_key(pool, ctx)
         model, tok, _ = load_causal_lm(p.model)
         ctx.runtime.place(model)
         reused = 0.0

@@ -82,7 +82,7 @@ class PPL(Method):
         load = partial(causal_lm, p.model, self._val_config() if p.train_on_val else None)
         stats = map_pool(SequenceStats(load, model, tok, lora=p.train_on_val,
                                        max_len=p.max_len, batch_tokens=p.batch_tokens),
-                         pool, ctx, meter, key=self.key(pool, target), desc="ppl")
+                         pool, ctx, meter, key=self.key(pool, target, ctx), desc="ppl")
         nll_sum, n_tokens, prob_sum = stats.T
         n = np.maximum(n_tokens, 1)
         ppl = np.exp(nll_sum / n)

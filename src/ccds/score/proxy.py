@@ -120,16 +120,19 @@ def cost(p: ProxyParams, pool, passes: int | None = None, head: bool = True) -> 
             + (p.checkpoints if passes is None else passes) * forward_flops(counts, fwd))
 
 
-def key(p: ProxyParams, pool) -> str:
+def key(p: ProxyParams, pool, dtype: str) -> str:
     fields = set(ProxyParams.model_fields) - set(p.execution)
     settings = p.model_dump(include=fields)
-    model = resolve(p.tokenizer if p.proxy == SCRATCH else p.proxy).fingerprint
-    return stable_hash(settings, model, examples_hash(pool))
+    return stable_hash(settings, fingerprint(p), dtype, examples_hash(pool))
+
+
+def fingerprint(p: ProxyParams) -> str:
+    return resolve(p.tokenizer if p.proxy == SCRATCH else p.proxy).fingerprint
 
 
 def _trained(p: ProxyParams, pool, ctx):
     """(cache folder, proxy model, tokenizer, training record), training the proxy once."""
-    root = cache_dir() / "proxy" / key(p, pool)
+    root = cache_dir() / "proxy" / key(p, pool, ctx.runtime.dtype_name)
     root.mkdir(parents=True, exist_ok=True)
     model, tok = load_proxy(p)
     ctx.runtime.place(model)
@@ -275,6 +278,9 @@ class ProxyMethod(Method):
     forward per checkpoint. Subclasses set `name`, `Params` and `score`."""
 
     needs_target = False
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.params)
 
     def cost(self, pool, target) -> float:
         return cost(self.params, pool)
