@@ -32,11 +32,11 @@ from peak import cpu, peak
 from scipy.stats import spearmanr
 
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
-from ccds.flops import Ledger, encoded_work, forward_flops
+from ccds.flops import Ledger, encoded_work, forward_flops, lora_step_flops
 from ccds.io import write_json, write_text
 from ccds.lm import response_nll, score_sequences
 from ccds.models import load_causal_lm, param_counts, pick_runtime
-from ccds.score.less import lora_names, per_example_grads
+from ccds.score.less import LESS, lora_names, per_example_grads
 from ccds.tokenize import collate, encode
 from ccds.train import TrainConfig, add_lora, train
 
@@ -177,17 +177,23 @@ def bench_less(model, tok, pool) -> dict:
             if n in base:
                 p.data = base[n]
 
+    default = LESS().batch_tokens(pick_runtime(dtype="fp32"))  # the CPU default
+    out["batch_tokens"], out["budget_s"] = default, {}
     for dtype in ("bf16", "fp32"):  # each as LESS places its model (bf16: frozen in bf16)
         restore()
         rt = pick_runtime(dtype=dtype)
         rt.place(peft)
-        feats = torch.zeros(len(pool), out["lora_params"])
-        t = time.perf_counter()
-        for index in length_batches(enc.lengths, 2048):
-            feats[index] = per_example_grads(peft, collate(enc, index, tok.pad_token_id),
-                                             names, rt)
-        out[f"batched_{dtype}_s"] = time.perf_counter() - t
-        out[f"_feats_{dtype}"] = feats
+        out["budget_s"][dtype] = {}
+        for budget in sorted({512, 2048, default}):  # the token budget of a batch
+            feats = torch.zeros(len(pool), out["lora_params"])
+            t = time.perf_counter()
+            for index in length_batches(enc.lengths, budget):
+                feats[index] = per_example_grads(peft, collate(enc, index, tok.pad_token_id),
+                                                 names, rt)
+            out["budget_s"][dtype][budget] = time.perf_counter() - t
+            if budget == default:
+                out[f"batched_{dtype}_s"] = out["budget_s"][dtype][budget]
+                out[f"_feats_{dtype}"] = feats
     restore()  # the reference: the fp32 model as loaded
     ref = torch.zeros_like(out["_feats_fp32"])
     peft.eval()
@@ -198,6 +204,8 @@ def bench_less(model, tok, pool) -> dict:
         (nll / n).sum().backward()
         ref[i] = torch.cat([params[nm].grad.flatten() for nm in names])
     out["loop_fp32_s"] = time.perf_counter() - t
+    out["loop_gflops"] = lora_step_flops(param_counts(peft), encoded_work(
+        enc, suffix=True)) / out["loop_fp32_s"] / 1e9
     peft.zero_grad(set_to_none=True)
     for dtype in ("bf16", "fp32"):
         cos = torch.nn.functional.cosine_similarity(out.pop(f"_feats_{dtype}"), ref, dim=1)
@@ -262,7 +270,12 @@ def markdown(r: dict) -> str:
         f"the elementwise work) the same 200 examples score {s['compiled']['speedup']:.2f}x "
         f"faster ({s['compiled']['gflops']:.0f} GFLOP/s, "
         f"{s['compiled']['gflops'] / r['peak']['used_gflops']:.0%} MFU) after a "
-        f"{s['compiled']['compile_s']:.0f} s compile.", ""])
+        f"{s['compiled']['compile_s']:.0f} s compile.", "",
+        f"LESS, by tokens per batch (ccds default {g['batch_tokens']:,}): "
+        + "; ".join(f"{dt} " + ", ".join(f"{int(b):,}: {v:.1f} s" for b, v in by.items())
+                    for dt, by in g["budget_s"].items())
+        + f". The one-example fp32 loop runs at {g['loop_gflops']:.0f} GFLOP/s "
+        f"({g['loop_gflops'] / r['peak']['used_gflops']:.0%} of the {r['dtype']} peak).", ""])
 
 
 def main(argv=None) -> int:

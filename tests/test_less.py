@@ -111,3 +111,13 @@ def test_less_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     assert np.allclose(run(less(), pool, dates, cache=None).values, s.values, atol=1e-6)
     monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "b"))
     assert np.allclose(run(less(), pool, dates, cache=None).values, s.values, atol=1e-6)
+
+
+def test_gradient_batches_are_small_on_a_cpu_and_large_on_a_gpu():
+    """On a CPU an example's matmuls are already large and a bigger batch's activations
+    outgrow the caches (benchmarks/speed_lm.py); a GPU wants many examples per call."""
+    from ccds.models import Runtime
+
+    assert get_method("less").batch_tokens(pick_runtime(device="cpu", dtype="fp32")) == 512
+    assert get_method("less").batch_tokens(Runtime(torch.device("cuda"), torch.bfloat16)) == 8192
+    assert get_method("less", batch_tokens=64).batch_tokens(pick_runtime(dtype="fp32")) == 64
