@@ -13,7 +13,7 @@ MFU = model FLOPs (ccds convention, real tokens only, padding not counted) / wal
 the matmul peak, measured in the same run, of the dtype ccds runs in on this machine
 (`pick_runtime()`: bf16 autocast where it is measured faster than fp32, else fp32).
 
-    .venv/bin/python benchmarks/speed_lm.py            # ~15 min on the 2-core CPU
+    .venv/bin/python benchmarks/speed_lm.py            # ~30 min on the 2-core CPU
 """
 
 from __future__ import annotations
@@ -105,6 +105,11 @@ def compiled_scoring(model, enc, pad_id: int, flops: float, rt) -> dict:
             "gflops": flops / wall / 1e9}
 
 
+def spread(times: list[float]) -> dict:
+    return {"min": min(times), "median": float(np.median(times)), "max": max(times),
+            "repeats": len(times)}
+
+
 def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
     enc = encode(pool, tok, 512)
     counts = param_counts(model)
@@ -144,8 +149,7 @@ def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
     ref_tps = sub.lengths.sum() / t_ref
     rel = np.abs(ours[:n_ref] - ref) / np.abs(ref)
     return {"examples": len(pool), "tokens": int(enc.lengths.sum()), "model_flops": flops,
-            "ccds_s": {"min": min(times), "median": float(np.median(times)),
-                       "max": max(times), "repeats": len(times)},
+            "ccds_s": spread(times),
             "ccds_tokens_per_s": float(ours_tps), "ccds_gflops": flops / np.median(times) / 1e9,
             "mfu": flops / np.median(times) / 1e9 / peak_gflops,
             "reference_examples": n_ref, "reference_s": t_ref,
@@ -157,7 +161,7 @@ def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
             "time_shares": shares, "compiled": compiled}
 
 
-def bench_less(model, tok, pool) -> dict:
+def bench_less(model, tok, pool, repeats: int = 3) -> dict:
     peft = add_lora(copy.deepcopy(model), TrainConfig(lora_r=8, lora_alpha=32, lora_dropout=0.0))
     with torch.no_grad():  # a warmed-up adapter: LoRA B is not zero
         g = torch.Generator().manual_seed(0)
@@ -178,32 +182,39 @@ def bench_less(model, tok, pool) -> dict:
                 p.data = base[n]
 
     default = LESS().batch_tokens(pick_runtime(dtype="fp32"))  # the CPU default
-    out["batch_tokens"], out["budget_s"] = default, {}
+    out["batch_tokens"], out["budget_s"], out["budget_spread"] = default, {}, {}
     for dtype in ("bf16", "fp32"):  # each as LESS places its model (bf16: frozen in bf16)
         restore()
         rt = pick_runtime(dtype=dtype)
         rt.place(peft)
-        out["budget_s"][dtype] = {}
+        out["budget_s"][dtype], out["budget_spread"][dtype] = {}, {}
         for budget in sorted({512, 2048, default}):  # the token budget of a batch
-            feats = torch.zeros(len(pool), out["lora_params"])
-            t = time.perf_counter()
-            for index in length_batches(enc.lengths, budget):
-                feats[index] = per_example_grads(peft, collate(enc, index, tok.pad_token_id),
-                                                 names, rt)
-            out["budget_s"][dtype][budget] = time.perf_counter() - t
+            feats, times = torch.zeros(len(pool), out["lora_params"]), []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for index in length_batches(enc.lengths, budget):
+                    feats[index] = per_example_grads(
+                        peft, collate(enc, index, tok.pad_token_id), names, rt)
+                times.append(time.perf_counter() - t)
+            out["budget_spread"][dtype][budget] = spread(times)
+            out["budget_s"][dtype][budget] = float(np.median(times))
             if budget == default:
                 out[f"batched_{dtype}_s"] = out["budget_s"][dtype][budget]
                 out[f"_feats_{dtype}"] = feats
     restore()  # the reference: the fp32 model as loaded
     ref = torch.zeros_like(out["_feats_fp32"])
     peft.eval()
-    t = time.perf_counter()
-    for i in range(len(pool)):  # the reference loop: one backward per example, fp32
-        peft.zero_grad()
-        nll, n = response_nll(peft, collate(enc, np.array([i]), tok.pad_token_id), suffix=True)
-        (nll / n).sum().backward()
-        ref[i] = torch.cat([params[nm].grad.flatten() for nm in names])
-    out["loop_fp32_s"] = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(len(pool)):  # the reference loop: one backward per example, fp32
+            peft.zero_grad()
+            nll, n = response_nll(peft, collate(enc, np.array([i]), tok.pad_token_id),
+                                  suffix=True)
+            (nll / n).sum().backward()
+            ref[i] = torch.cat([params[nm].grad.flatten() for nm in names])
+        times.append(time.perf_counter() - t)
+    out["loop_fp32_s"], out["loop_spread"] = float(np.median(times)), spread(times)
     out["loop_gflops"] = lora_step_flops(param_counts(peft), encoded_work(
         enc, suffix=True)) / out["loop_fp32_s"] / 1e9
     peft.zero_grad(set_to_none=True)
@@ -215,19 +226,22 @@ def bench_less(model, tok, pool) -> dict:
     return out
 
 
-def bench_training(model, tok, pool, rt, peak_gflops: float) -> dict:
+def bench_training(model, tok, pool, rt, peak_gflops: float, repeats: int = 2) -> dict:
     cfg = TrainConfig(epochs=1, lr=2e-4, batch_tokens=2048, max_len=512)
-    ledger = Ledger()
-    t = time.perf_counter()
-    res = train(pool, cfg, model=copy.deepcopy(model), tokenizer=tok, runtime=rt,
-                ledger=ledger, progress=None)
-    wall = time.perf_counter() - t
-    res.model.unload()
-    stage = ledger.stages[0]
+    times = []
+    for _ in range(repeats):
+        ledger = Ledger()
+        t = time.perf_counter()
+        res = train(pool, cfg, model=copy.deepcopy(model), tokenizer=tok, runtime=rt,
+                    ledger=ledger, progress=None)
+        times.append(time.perf_counter() - t)
+        res.model.unload()
+    wall, stage = float(np.median(times)), ledger.stages[0]
     shares = time_shares(lambda: train(
         pool[:60], cfg, model=copy.deepcopy(model), tokenizer=tok,
         runtime=rt, progress=None).model.unload())
-    return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall, "time_shares": shares,
+    return {"examples": len(pool), "tokens": res.tokens, "wall_s": wall, "wall_spread":
+            spread(times), "time_shares": shares,
             "tokens_per_s": res.tokens / wall, "model_flops": stage.analytic_flops,
             "gflops": stage.analytic_flops / wall / 1e9,
             "mfu": stage.analytic_flops / wall / 1e9 / peak_gflops}
@@ -271,6 +285,12 @@ def markdown(r: dict) -> str:
         f"faster ({s['compiled']['gflops']:.0f} GFLOP/s, "
         f"{s['compiled']['gflops'] / r['peak']['used_gflops']:.0%} MFU) after a "
         f"{s['compiled']['compile_s']:.0f} s compile.", "",
+        "Spread over repeats (min–max; the medians are used above): "
+        + ", ".join(f"{name} {x['min']:.1f}–{x['max']:.1f} s ({x['repeats']}x)" for name, x in (
+            ("scoring", s["ccds_s"]), ("LESS loop", g["loop_spread"]),
+            (f"LESS fp32 at {g['batch_tokens']:,} tokens",
+             g["budget_spread"]["fp32"][g["batch_tokens"]]),
+            ("training", t["wall_spread"]))) + ".", "",
         f"LESS, by tokens per batch (ccds default {g['batch_tokens']:,}): "
         + "; ".join(f"{dt} " + ", ".join(f"{int(b):,}: {v:.1f} s" for b, v in by.items())
                     for dt, by in g["budget_s"].items())
