@@ -71,6 +71,11 @@ def test_cpu_dtype_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert cpu_prefers_bf16() is True and len(calls) == 2
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)  # emulated bf16
     assert cpu_prefers_bf16() is False and len(calls) == 2
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("CCDS_CACHE", str(blocker))  # unwritable: measured once per process
+    assert cpu_prefers_bf16() is True and cpu_prefers_bf16() is True and len(calls) == 3
 
 
 def test_cpu_dtype_measurement_is_real():

@@ -112,12 +112,19 @@ def cpu_prefers_bf16() -> bool:
     path = cache_dir() / "cpu-dtype" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         return bool(json.loads(path.read_text())["bf16"])
+    if key in _UNCACHED:
+        return _UNCACHED[key]
     rate = _matmul_gflops()
     bf16 = rate[torch.bfloat16] >= 1.25 * rate[torch.float32]
-    with contextlib.suppress(OSError):
+    try:
         write_json(path, {"bf16": bf16, "fp32_gflops": round(rate[torch.float32], 1),
                           "bf16_gflops": round(rate[torch.bfloat16], 1)})
+    except (OSError, CcdsError):  # a read-only cache: measure once per process, not per call
+        _UNCACHED[key] = bf16
     return bf16
+
+
+_UNCACHED: dict[str, bool] = {}
 
 
 def _matmul_gflops(n: int = 1024, seconds: float = 0.6) -> dict[torch.dtype, float]:
