@@ -89,6 +89,7 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in _cpuinfo() or " amx_bf16" in _cpuinfo()
 
 
+@cache  # read once per process: pick_runtime runs for every scoring context
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
