@@ -32,17 +32,13 @@ def cpu() -> str:
     """The CPU's model name and its matrix instruction sets (AMX, AVX512-BF16, AVX512),
     which decide whether bf16 or fp32 is the faster dtype."""
     import platform
-    import re
-    from pathlib import Path
 
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = re.search(r"model name\s*:\s*(.*)", info)
+    from ccds.models import cpu_info
+
+    name, flags = cpu_info()
     isa = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"),
-                                     ("avx512f", "AVX512")) if f" {flag}" in info]
-    return f"{name.group(1) if name else platform.machine()} ({', '.join(isa) or 'no AVX512'})"
+                                     ("avx512f", "AVX512")) if flag in flags]
+    return f"{name or platform.processor() or platform.machine()} ({', '.join(isa) or 'no AVX512'})"
 
 
 def main() -> int:

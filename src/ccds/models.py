@@ -86,15 +86,19 @@ def cpu_has_native_bf16() -> bool:
     Without it oneDNN emulates bf16 and matmuls run ~4x slower than fp32 (measured on an
     AVX512 Xeon without the bf16 extension: 216 vs 55 GFLOP/s), so autocast would hurt.
     """
-    return " avx512_bf16" in _cpuinfo() or " amx_bf16" in _cpuinfo()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 @cache  # read once per process: pick_runtime runs for every scoring context
-def _cpuinfo() -> str:
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """The CPU's model name and instruction-set flags from /proc/cpuinfo (None, {} elsewhere)."""
     try:
-        return Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
+        return None, frozenset()
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = re.search(r"flags\s*:\s*(.*)", info)
+    return model and model.group(1), frozenset(flags.group(1).split() if flags else ())
 
 
 def cpu_prefers_bf16() -> bool:
@@ -106,10 +110,8 @@ def cpu_prefers_bf16() -> bool:
     the same choice on a machine from run to run (a re-measure could flip a close call)."""
     if not cpu_has_native_bf16():
         return False
-    model = re.search(r"model name\s*:\s*(.*)", _cpuinfo())
-    flags = re.search(r"flags\s*:\s*(.*)", _cpuinfo())
-    key = stable_hash(model and model.group(1), flags and sorted(flags.group(1).split()),
-                      torch.__version__, torch.get_num_threads())
+    model, flags = cpu_info()
+    key = stable_hash(model, sorted(flags) or None, torch.__version__, torch.get_num_threads())
     path = cache_dir() / "cpu-dtype" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         return bool(json.loads(path.read_text())["bf16"])
