@@ -81,7 +81,9 @@ def target_section(target: str, rows: list[dict], g: dict) -> list[str]:
     on = sorted({p["method"] for p in fr})
     out += ["", f"**Compute-optimal frontier** (selection + training FLOPs, ccds convention; "
             f"C_full = {g['c_full']:.2e}): {len(fr)} runs — "
-            + ", ".join(f"{p['method']} {p['fraction']:.1%}" for p in fr)
+            + ", ".join(f"{p['method']} {p['fraction']:.1%}"
+                        + (f" (seed {p['run'].rsplit('/', 1)[1]})" if p["method"] == "random" else "")
+                        for p in fr)
             + f". Methods on it: {', '.join(on)}. On the fitted frontier: "
             f"{', '.join(g.get('fitted_frontier_methods') or []) or 'no fit'}.", ""]
     if g["fits"]:
