@@ -1,5 +1,6 @@
 """Sweeps: config validation, a run store that survives SIGKILL, and the analysis report."""
 
+import csv
 import json
 import os
 import signal
@@ -114,6 +115,12 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir, figu
     for name in ("report.html", "report.md", "runs.csv"):
         assert (tmp_path / "ref" / "report" / name).stat().st_size > 200
     assert any(f.endswith("-frontier.png") for f in os.listdir(tmp_path / "ref" / "report"))
+    with open(tmp_path / "ref" / "report" / "runs.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert all(float(r["training_s"]) > 0 and float(r["evaluation_s"]) > 0 for r in table)
+    # bm25 at 100% trains the set random seed 0 trained: the saved adapter, flagged as such
+    assert [(r["method"], r["fraction"]) for r in table if r["training_reused"] == "1"] == \
+        [("bm25", "1.0")]
     assert g["overlap"]["0.2"]["methods"] == ["bm25", "random"]
     r = ccds("plan", "--budget", str(g["c_full"] * 0.5), "--train-model", "1e6",
              "--selection-model", "1e6", "--pool-tokens", "1e4", "--fits",

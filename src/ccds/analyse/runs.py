@@ -116,11 +116,23 @@ def write_runs_csv(runs: list[dict], path: Path) -> None:
             "training_flops", "selection_paper_flops", "training_paper_flops", "perf", "metric"]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(cols + ["nll", "accuracy", "exact_match"])
+        w.writerow(cols + ["nll", "accuracy", "exact_match", "selection_s", "training_s",
+                           "evaluation_s", "training_reused"])
         for r in runs:
             ev = r.get("eval", {})
             w.writerow([r.get(c) for c in cols] + [ev.get("nll"), ev.get("accuracy"),
-                                                   ev.get("exact_match")])
+                                                   ev.get("exact_match")] + _walls(r))
+
+
+def _walls(run: dict) -> list:
+    """Wall seconds per stage kind as recorded, and whether the training was a saved adapter
+    (a sweep copies the stage of cached scores and adapters into every row that uses them, so
+    time spent is the sum over distinct stages, not over rows)."""
+    stages = (run.get("ledger") or {}).get("stages", [])
+    wall = {k: sum(s.get("wall_s", 0.0) for s in stages if s["kind"] == k)
+            for k in ("selection", "training", "evaluation")}
+    reused = any((s.get("detail") or {}).get("reused") for s in stages if s["kind"] == "training")
+    return [round(wall[k], 3) for k in wall] + [int(reused)]
 
 
 def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str, str]:
