@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ccds.analyse.runs import run_label
 from ccds.io import read_json, write_text
 from ccds.plan import paper_prior
 
@@ -48,8 +49,6 @@ def noise(rows: list[dict]) -> tuple[dict[float, float], float]:
 def compute_spent(rows: list[dict]) -> str:
     """Hours this study cost the machine: distinct scorings and trainings counted once (rows
     copy the stage of the scores and adapter they reuse), every evaluation counted."""
-    if "training_s" not in rows[0]:
-        return ""
     scoring = {(r["method"], r["selection_s"]): float(r["selection_s"]) for r in rows}
     trainings = [float(r["training_s"]) for r in rows if r["training_reused"] == "0"]
     sel, tr = sum(scoring.values()) / 3600, sum(trainings) / 3600
@@ -63,7 +62,7 @@ def compute_spent(rows: list[dict]) -> str:
 def pool_size(rows: list[dict]) -> str:
     n = max(int(r["n"]) for r in rows)
     full = [float(r["training_s"]) for r in rows
-            if float(r["fraction"]) == 1.0 and r.get("training_reused") == "0"]
+            if float(r["fraction"]) == 1.0 and r["training_reused"] == "0"]
     epoch = (f": one LoRA epoch on all of it took {min(full) / 60:.0f}–{max(full) / 60:.0f} "
              "min (the sessions ran on different CPUs under different loads), and every "
              "method trains its own subsets below 100%") if full else ""
@@ -107,9 +106,7 @@ def target_section(target: str, rows: list[dict], g: dict) -> list[str]:
     on = sorted({p["method"] for p in fr})
     out += ["", f"**Compute-optimal frontier** (selection + training FLOPs, ccds convention; "
             f"C_full = {g['c_full']:.2e}): {len(fr)} runs — "
-            + ", ".join(f"{p['method']} {p['fraction']:.1%}"
-                        + (f" (seed {p['run'].rsplit('/', 1)[1]})" if p["method"] == "random" else "")
-                        for p in fr)
+            + ", ".join(map(run_label, fr))
             + f". Methods on it: {', '.join(on)}. On the fitted frontier: "
             f"{', '.join(g.get('fitted_frontier_methods') or []) or 'no fit'}.", ""]
     if g["fits"]:
