@@ -141,6 +141,37 @@ def read_text(path: str | os.PathLike) -> str:
                         "re-encode the file as UTF-8") from None
 
 
+def walk_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every file under `root`, depth first by name, as paths below `root` (not resolved).
+
+    Symbolic links to folders are followed, since datasets on shared clusters are often
+    linked in (`Path.rglob` skips them before Python 3.13), but each real folder is entered
+    once, so a link cycle ends. Hidden entries (.git, .cache) are never data and are skipped,
+    and so are unreadable folders, as `rglob` skips them.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows links
+                subfolders.append(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+        stack += reversed(subfolders)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CcdsError
-from ..io import atomic_dir, atomic_path, iter_jsonl, read_json, write_jsonl
+from ..io import atomic_dir, atomic_path, iter_jsonl, read_json, walk_files, write_jsonl
 from .types import Example
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -150,9 +150,9 @@ def _rows(ref: str | os.PathLike, split: str) -> Iterator[Row]:
 
 
 def _data_files(folder: Path, split: str) -> list[Path]:
-    """Data files under `folder`; when some are named after `split` (HF repo style), only those."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix in FILE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Data files under `folder` (linked folders included, hidden ones not); when some are
+    named after `split` (HF repo style), only those."""
+    files = sorted(p for p in walk_files(folder) if p.suffix in FILE_SUFFIXES)
     in_split = [p for p in files
                 if split in re.split(r"[-_./\\]", str(p.relative_to(folder)))]
     return in_split or files

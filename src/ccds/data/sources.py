@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CcdsError
-from ..io import iter_jsonl, read_json, read_text, write_json
+from ..io import iter_jsonl, read_json, read_text, walk_files, write_json
 from .formats import load_examples, write_examples
 from .types import Example, Target
 
@@ -253,9 +253,11 @@ def gsm8k_target(data_dir: str | os.PathLike | None = None, *, n_val: int = 8,
 
 
 def bigbench_tasks(data_dir: str | os.PathLike | None = None) -> list[str]:
-    """Task names ("arithmetic/1_digit_addition") of every task.json, sorted."""
+    """Task names ("arithmetic/1_digit_addition") of every task.json, sorted; task folders
+    may be symbolic links."""
     root = _dataset_dir(data_dir, "bigbench")
-    return sorted(p.parent.relative_to(root).as_posix() for p in root.rglob("task.json"))
+    return sorted(p.parent.relative_to(root).as_posix() for p in walk_files(root)
+                  if p.name == "task.json")
 
 
 def load_bigbench(data_dir: str | os.PathLike | None = None,

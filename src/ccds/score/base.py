@@ -14,10 +14,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.types import Example, Target
 from ..errors import CcdsError
@@ -26,13 +26,14 @@ from ..models import Runtime, cache_dir, pick_runtime
 from .backend import Backend
 
 REGISTRY: dict[str, type[Method]] = {}
+Reduce = Literal["mean", "max"]  # how per-subtask scores combine (`aggregate_subtasks`)
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # how to run, not what to compute: left out of the cache key
     execution: ClassVar[frozenset[str]] = frozenset()
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 @dataclass
@@ -58,12 +59,22 @@ class Method(ABC):
         except ValidationError as e:
             err = e.errors()[0]
             raise CcdsError(f"bad parameter {'.'.join(map(str, err['loc']))} for method "
-                            f"'{self.name}': {err['msg']}") from None
+                            f"'{self.name}': {err['msg'].removeprefix('Value error, ')}"
+                            ) from None
 
     def __init_subclass__(cls, **kw):
+        """Register by `name`. A second class under a taken name would silently replace the
+        first, so it is an error; the same class defined again (a module reload) replaces it."""
         super().__init_subclass__(**kw)
-        if "name" in cls.__dict__:
-            REGISTRY[cls.name] = cls
+        if "name" not in cls.__dict__:
+            return
+        old = REGISTRY.get(cls.name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                      cls.__qualname__):
+            raise TypeError(f"selection method name '{cls.name}' is taken by "
+                            f"{old.__module__}.{old.__qualname__}; give "
+                            f"{cls.__module__}.{cls.__qualname__} another name")
+        REGISTRY[cls.name] = cls
 
     @abstractmethod
     def cost(self, pool: Sequence[Example], target: Target | None) -> float:
@@ -102,7 +113,7 @@ class Method(ABC):
         return h.hexdigest()[:20]
 
 
-def aggregate_subtasks(per_subtask: np.ndarray, reduce: str) -> np.ndarray:
+def aggregate_subtasks(per_subtask: np.ndarray, reduce: Reduce) -> np.ndarray:
     """Combine [examples, subtasks] scores (each column already a mean over that subtask's
     V examples) into one score per example."""
     if reduce == "max":

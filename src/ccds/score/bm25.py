@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +24,7 @@ from pydantic import Field
 
 from ..data.types import Example
 from .backend import Pass, map_pool, reduce_pool
-from .base import Method, Params, aggregate_subtasks
+from .base import Method, Params, Reduce, aggregate_subtasks
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -67,11 +68,12 @@ class CorpusStats:
 
 class BM25Params(Params):
     execution = frozenset({"shard_size"})
-    k1: float = 1.5
-    b: float = 0.75
-    epsilon: float = 0.25
-    query: str = "full"  # V text used as the query: "prompt" or "full" (prompt + response)
-    reduce: str = "mean"  # over subtasks: "mean" or "max"
+    k1: float = Field(1.5, ge=0, description="term-frequency saturation")
+    b: float = Field(0.75, ge=0, le=1, description="document-length normalisation")
+    epsilon: float = Field(0.25, ge=0, description="floor of negative idf, times mean idf")
+    query: Literal["prompt", "full"] = Field(
+        "full", description="V text used as the query: the prompt, or prompt + response")
+    reduce: Reduce = Field("mean", description="over subtasks")
     shard_size: int = Field(100_000, ge=1, description="documents scored at a time (pass 2)")
 
 

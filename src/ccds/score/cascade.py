@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..select import rank
-from .base import Method, Params, get_method
+from .base import REGISTRY, Method, Params, get_method
 
 
 class CascadeParams(Params):
@@ -23,6 +23,14 @@ class CascadeParams(Params):
     expensive: str = "ppl"
     expensive_params: dict[str, Any] = Field(default_factory=dict)
     keep: float = Field(0.2, gt=0, le=1, description="fraction q the cheap method keeps")
+
+    @field_validator("cheap", "expensive")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown selection method '{v}', choose one of: "
+                             f"{', '.join(sorted(REGISTRY))}")
+        return v
 
 
 class Cascade(Method):

@@ -8,24 +8,28 @@ no |D|×|V| matrix is held.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..models import load_sentence_encoder
 from ..progress import track
 from ..tokenize import length_batches
 from .backend import Pass, map_pool
-from .base import Method, Params, aggregate_subtasks
+from .base import Method, Params, Reduce, aggregate_subtasks
 
 
 class EmbedParams(Params):
     execution = frozenset({"batch_size", "block"})
     model: str = "minilm"
-    text: str = "prompt"  # what is embedded, for pool and V alike: "prompt" or "full"
-    batch_size: int = 64
-    max_len: int = 256  # CCDS: 256 tokens
-    reduce: str = "mean"
-    block: int = 65536  # pool rows per similarity block
+    text: Literal["prompt", "full"] = Field(
+        "prompt", description="what is embedded, for pool and V alike (full: prompt + response)")
+    batch_size: int = Field(64, ge=1)
+    max_len: int = Field(256, ge=1, description="CCDS: 256 tokens")
+    reduce: Reduce = "mean"
+    block: int = Field(65536, ge=1, description="pool rows per similarity block")
 
 
 class Embed(Method):

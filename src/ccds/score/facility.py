@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -19,7 +20,8 @@ from . import proxy
 
 
 class FacilityParams(proxy.ProxyParams):
-    checkpoint: int = -1
+    checkpoint: Literal[0, -1] = Field(-1, description="proxy embeddings from the first or "
+                                       "last checkpoint (the only ones kept)")
     max_fraction: float = Field(1.0, gt=0, le=1, description="greedy order for this share "
                                 "of the pool; the rest follows by its last gain bound")
 

@@ -32,7 +32,7 @@ from ..progress import bar
 from ..tokenize import Encoded, collate, encode, length_batches
 from ..train import TrainConfig, add_lora, train
 from .backend import ModelPass, apply_weights, causal_lm, map_pool
-from .base import Method, Params, aggregate_subtasks, examples_hash
+from .base import Method, Params, Reduce, aggregate_subtasks, examples_hash
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -42,15 +42,15 @@ class LESSParams(Params):
     model: str = "smollm2-135m"
     warmup_fraction: float = Field(0.05, gt=0, le=1)
     warmup_epochs: int = Field(4, ge=1)
-    lr: float = 2e-4
-    lora_r: int = 8
-    lora_alpha: float = 32
+    lr: float = Field(2e-4, gt=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(32, gt=0)
     proj_dim: int = Field(8192, ge=1)
-    max_len: int = 512
+    max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
     batch_tokens: int | None = Field(
         None, ge=1, description="tokens per gradient batch; default 512 on a CPU, 8192 on a GPU")
     project_every: int = Field(256, ge=1, description="examples projected together")
-    reduce: str = "max"
+    reduce: Reduce = "max"
 
 
 class LESS(Method):

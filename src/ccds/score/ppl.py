@@ -11,8 +11,10 @@ epochs), and that training is charged to the selection.
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from ..flops import Ledger, encoded_work, forward_flops, lora_step_flops
 from ..models import counts_without_weights, load_causal_lm, resolve
@@ -25,12 +27,12 @@ from .base import Method, Params
 class PPLParams(Params):
     execution = frozenset({"batch_tokens"})
     model: str = "smollm2-135m"
-    variant: str = "mid"  # low | mid | high | least_confidence
+    variant: Literal["low", "mid", "high", "least_confidence"] = "mid"
     train_on_val: bool = False
-    val_epochs: float = 25
-    val_lr: float = 1e-4
-    max_len: int = 512
-    batch_tokens: int = 8192
+    val_epochs: float = Field(25, gt=0)
+    val_lr: float = Field(1e-4, gt=0)
+    max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
+    batch_tokens: int = Field(8192, ge=1)
 
 
 class PPL(Method):
@@ -40,11 +42,6 @@ class PPL(Method):
 
     def __init__(self, **params):
         super().__init__(**params)
-        if self.params.variant not in ("low", "mid", "high", "least_confidence"):
-            from ..errors import CcdsError
-
-            raise CcdsError(f"unknown perplexity variant '{self.params.variant}'", None,
-                            "use low, mid, high or least_confidence")
         self.needs_target = self.params.train_on_val
 
     def fingerprint(self) -> str:

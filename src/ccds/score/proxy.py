@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..errors import CcdsError
 from ..flops import Ledger, Meter, encoded_work, forward_flops, full_step_flops, lora_step_flops
@@ -46,9 +46,19 @@ class ProxyParams(Params):
     proxy_epochs: float = Field(3, gt=0)
     proxy_lr: float = Field(1e-3, gt=0)
     checkpoints: int = Field(12, ge=1, description="trajectory length T")
-    max_len: int = 512
-    batch_tokens: int = 8192
+    max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
+    batch_tokens: int = Field(8192, ge=1)
     execution = frozenset({"batch_tokens"})
+
+    @field_validator("checkpoint", "early", "late", check_fields=False)
+    @classmethod
+    def _one_of_the_checkpoints(cls, v: int, info: ValidationInfo) -> int:
+        """A subclass's checkpoint index (negative: from the end) must be one of the T, else
+        it would fail only after the proxy is trained."""
+        t = info.data.get("checkpoints")
+        if t is not None and not -t <= v < t:
+            raise ValueError(f"must index one of the {t} checkpoints: {-t}..{t - 1}")
+        return v
 
 
 @dataclass

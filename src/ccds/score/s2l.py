@@ -15,6 +15,7 @@ checks they agree), so one scoring serves every fraction.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -22,11 +23,14 @@ from pydantic import Field
 from ..analyse.composition import cluster_purity
 from . import proxy
 
+KMeansBackend = Literal["auto", "faiss", "sklearn"]
+
 
 class S2LParams(proxy.ProxyParams):
     k: int = Field(100, ge=1, description="k-means clusters")
     kmeans_iters: int = Field(25, ge=1)
-    backend: str = Field("auto", description="k-means: faiss, sklearn or auto")
+    backend: KMeansBackend = Field("auto", description="k-means library; auto: faiss if "
+                                   "installed, else scikit-learn")
     by_source: bool = Field(False, description="cluster each source separately")
 
 
@@ -74,8 +78,8 @@ def kmeans_flops(n: int, k: int, d: int, iters: int) -> float:
     return 2.0 * n * k * d * (iters + 1) + 3.0 * n * d * k
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25, backend: str = "auto"
-           ) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25,
+           backend: KMeansBackend = "auto") -> np.ndarray:
     """Cluster labels in 0..k-1 (k capped at the number of distinct rows): seeded k-means++
     initialisation, then Lloyd iterations in faiss (or scikit-learn)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
