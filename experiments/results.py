@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ccds.analyse.fit import bootstrap_note, lam_text
 from ccds.analyse.runs import run_label
 from ccds.io import read_json, write_text
 from ccds.plan import paper_prior
@@ -115,12 +116,10 @@ def target_section(target: str, rows: list[dict], g: dict) -> list[str]:
                 "| method | λ | λ 95% interval (bootstrap) | R² | points | paper λ (MMLU, 7B) |",
                 "|---|---|---|---|---|---|"]
         for m, f in sorted(g["fits"].items(), key=lambda kv: -kv[1]["lam"]):
-            iv = (f.get("intervals") or {}).get("lam")
-            out.append(f"| {m} | {f['lam']:.2f} | "
-                       + (f"{iv[0]:.2f}–{iv[1]:.2f}" if iv else "—")
-                       + f" | {f['r2']:.2f} | {f['n']} | "
+            lam, iv = lam_text(f, ".2f")
+            out.append(f"| {m} | {lam} | {iv} | {f['r2']:.2f} | {f['n']} | "
                        + (f"{PAPER_LAM[m]:.2f}" if m in PAPER_LAM else "—") + " |")
-        out.append("")
+        out += ["", bootstrap_note(g["fits"]), ""] if bootstrap_note(g["fits"]) else [""]
     elif g["fit_error"]:
         out += [f"Fit failed: {g['fit_error']}", ""]
     be = g.get("break_even") or {}

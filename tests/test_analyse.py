@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from ccds.analyse.fit import curve, fit_methods
+from ccds.analyse.fit import bootstrap_note, curve, fit_methods, lam_text
 from ccds.analyse.frontier import (
     Point,
     break_even,
@@ -138,3 +138,51 @@ def test_paper_points_reproduce_the_papers_conclusions(shared_data):
             assert not joins_frontier(pts, "less", c_full, share="pbar")
             assert not joins_frontier(pts, "ppl", c_full, share="pbar")
             assert set(best) <= {"bm25", "embed", "random"}
+
+
+def test_unidentified_lambda_is_reported_as_a_lower_bound():
+    """A method whose runs all sit on its ceiling bounds λ only from below: the fit says so,
+    the saturated resamples are counted (not averaged into a huge number that moves between
+    machines), and the interval has no upper end."""
+    c_full = 1e14
+    c = np.array([0.1, 0.1, 0.25, 0.5, 0.5, 1.0]) * c_full
+    noise = np.array([0.004, -0.003, 0.002, -0.004, 0.003, -0.002])
+    rising = curve(c, -1.0, -2.0, 3.0, c_full) + noise
+    pts = {"flat": (c, -1.0 + noise), "rising": (c, rising)}
+    fits = fit_methods(pts, c_full, share="pbar", p0=-2.0, bootstrap=200)
+    flat, ok = fits["flat"], fits["rising"]
+    assert flat.saturated and flat.lam >= flat.lam_flat == pytest.approx(np.log(1e3) / 0.1)
+    assert flat.bootstrap["saturated"] > 5 and flat.bootstrap["converged"] == 200
+    assert flat.intervals["lam"][1] is None and flat.intervals["lam"][0] > 0
+    assert lam_text(flat.to_dict()) == (f"> {flat.lam_flat:.3g}",
+                                       f"> {flat.intervals['lam'][0]:.3g} (upper end not "
+                                       "identified)")
+    assert "flat" in bootstrap_note({m: f.to_dict() for m, f in fits.items()})
+    assert not ok.saturated and ok.bootstrap["saturated"] == 0
+    lo, hi = ok.intervals["lam"]
+    assert lo < 3.0 < hi
+    # the same data with the last bits moved (another CPU) gives the same answer
+    moved = {m: (cc, p * (1 + 1e-10)) for m, (cc, p) in pts.items()}
+    again = fit_methods(moved, c_full, share="pbar", p0=-2.0, bootstrap=200)
+    assert again["flat"].bootstrap == flat.bootstrap
+    assert again["flat"].intervals["lam"][0] == pytest.approx(flat.intervals["lam"][0], rel=1e-6)
+
+
+def test_resamples_that_do_not_converge_are_counted_and_left_out(monkeypatch):
+    from ccds.analyse import fit as fit_mod
+
+    calls = {"n": 0}
+    real = fit_mod.least_squares
+
+    def every_third_fails(*a, **kw):
+        sol = real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] > 1 and calls["n"] % 3 == 0:
+            sol.status = 0  # "maximum number of function evaluations exceeded"
+        return sol
+
+    monkeypatch.setattr(fit_mod, "least_squares", every_third_fails)
+    c = np.geomspace(0.02, 1, 8) * 1e14
+    f = fit_methods({"a": (c, curve(c, 2.0, 1.0, 4.0, 1e14))}, 1e14, bootstrap=30)["a"]
+    assert f.bootstrap == {"resamples": 30, "converged": 20, "failed": 10, "saturated": 0}
+    assert "10 resample(s) did not converge" in bootstrap_note({"a": f.to_dict()})

@@ -79,9 +79,10 @@ def from_fits(report: dict, target: str | None = None) -> tuple[list[MethodModel
     out = []
     for name, f in g["fits"].items():
         meta = g["methods"][name]
+        iv = f.get("intervals", {}).get("lam")  # an unidentified upper end: a flat curve
         out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
-                               meta["k"], tuple(f["intervals"]["lam"])
-                               if "lam" in f.get("intervals", {}) else None))
+                               meta["k"], (iv[0], np.inf if iv[1] is None else iv[1])
+                               if iv else None))
     return out, g["c_full_k"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import CcdsError
 from ..io import atomic_path, safe_name, write_json, write_text
 from ..store import Store
-from .fit import fit_methods
+from .fit import bootstrap_note, fit_methods, lam_text
 from .frontier import Point, break_even, empirical_frontier, fitted_frontier, group, overlap
 
 TASKS = (1, 5, 10, 20)
@@ -253,14 +253,12 @@ def markdown(report: dict) -> str:
                       "|---|---|---|---|---|---|---|"]
             loose = []
             for m, f in g["fits"].items():
-                iv = f["intervals"].get("lam")
                 if unsaturated(f, g["methods"][m]["best"]):
                     loose.append(m)
-                lines.append(f"| {m} | {f['lam']:.3g} | "
-                             f"{'—' if not iv else f'{iv[0]:.3g}–{iv[1]:.3g}'} | "
-                             f"{f['p0']:.4g} | {f['pbar']:.4g} | {f['r2']:.3f} | "
-                             f"{g['methods'][m]['selection_share']:.3g} |")
-            lines.append("")
+                lam, iv = lam_text(f)
+                lines.append(f"| {m} | {lam} | {iv} | {f['p0']:.4g} | {f['pbar']:.4g} | "
+                             f"{f['r2']:.3f} | {g['methods'][m]['selection_share']:.3g} |")
+            lines += ["", bootstrap_note(g["fits"]), ""] if bootstrap_note(g["fits"]) else [""]
             if loose:
                 lines += [f"P̄ not identified for {', '.join(loose)}: their runs show no "
                           "saturation, so the fit is a line and only the initial slope "
