@@ -7,10 +7,15 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +26,9 @@ from .errors import CcdsError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary file beside `path`; it replaces `path` only if the block succeeds.
+    The file and then the folder are fsynced, so after a power cut the rename has either
+    happened with all its bytes or not at all."""
     path = Path(path)
     _ensure_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,28 +42,121 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync(path.parent)
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; it replaces `path` only on success."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    On Linux the new folder and the old one swap names in one step (renameat2
+    RENAME_EXCHANGE), so a reader never finds `path` missing or half-filled, and a crash
+    leaves the old folder or the new one whole. Besides, a crash can leave the temporary
+    folder (before the swap) or the old folder under that hidden name (between the swap and
+    its removal), `.NAME.XXXXXXXX.tmp`; the next write to `path` removes it. Each live one
+    is flock-ed by its writer, so a concurrent write is never touched (where flock fails, as
+    on some network file systems, none is removed). Where the swap is unavailable (not
+    Linux, or a file system without it) the old folder is renamed to `.NAME.old` first: a
+    crash between the two renames leaves no folder at `path` and the old one there. Files
+    and folders are fsynced before the swap, the parent after it.
+    """
     path = Path(path)
     _ensure_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    _remove_stale(path)
+    tmp, lock = _locked_tmpdir(path)
     try:
         yield tmp
-        if path.exists():
+        for root, dirs, files in os.walk(tmp):
+            for name in files + dirs:
+                _fsync(os.path.join(root, name))
+        _fsync(tmp)
+        if not os.path.lexists(path):
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            _remove(tmp)  # the old folder, now under the temporary name
+        else:
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+            _remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+    finally:
+        os.close(lock)
+    _fsync(path.parent)
+
+
+def _locked_tmpdir(path: Path) -> tuple[Path, int]:
+    """A new `.NAME.*.tmp` folder beside `path` and an fd holding its flock: the mark of a
+    live write, which `_remove_stale` leaves alone."""
+    import fcntl
+
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        fd = os.open(tmp, os.O_RDONLY)
+        with contextlib.suppress(OSError):  # no flock here: then no cleaner removes it either
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):  # else a cleaner took it before the lock
+            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                os.chmod(tmp, 0o777 & ~_umask())
+                return tmp, fd
+        os.close(fd)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary folders of `path` that no live `atomic_dir` holds: a crash's."""
+    import fcntl
+
+    name = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkdtemp's names
+    for e in os.scandir(path.parent):
+        if not (name.fullmatch(e.name) and e.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            fd = os.open(e.path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(e.path, ignore_errors=True)  # under the lock: see _locked_tmpdir
+        except OSError:  # held: a write in progress
+            pass
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system
+    or the file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _renameat2():
+    if sys.platform != "linux":
+        return None
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                       ctypes.c_uint]
+    return fn
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @contextlib.contextmanager
