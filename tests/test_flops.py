@@ -1,14 +1,23 @@
-"""The ledger's analytic counts agree with FlopCounterMode on the real SmolLM2 (spec §2)."""
+"""The ledger's analytic counts agree with FlopCounterMode (spec §2): on the real SmolLM2,
+and on tiny random-init models of the families whose architecture departs from Llama's."""
 
 import numpy as np
 import pytest
 import torch
 
 from ccds import Example
-from ccds.flops import Ledger, Meter, forward_flops, lora_step_flops, paper_flops
+from ccds.flops import (
+    FlopCounter,
+    Ledger,
+    Meter,
+    forward_flops,
+    generation_flops,
+    lora_step_flops,
+    paper_flops,
+)
 from ccds.lm import response_nll
 from ccds.models import param_counts
-from ccds.tokenize import collate, encode
+from ccds.tokenize import Batch, collate, encode
 from ccds.train import TrainConfig, add_lora
 
 
@@ -64,7 +73,8 @@ def test_lora_step_analytic_matches_measured(smollm2):
 
 
 def test_formulas_scale_linearly():
-    p = {"non_embedding": 100, "head": 10, "lora": 1, "n_layer": 2, "d_model": 4}
+    p = {"non_embedding": 100, "active": 100, "head": 10, "lora": 1, "n_layer": 2,
+         "d_model": 4, "d_attn": 4}
     from ccds.flops import Work
 
     w1, w2 = Work(), Work()
@@ -88,3 +98,95 @@ def test_ledger_totals_and_roundtrip():
     assert d["totals"]["training"]["paper_flops"] == 9.0
     assert Ledger.from_dict(d).total() == 12.0
     assert m.stage.wall_s >= 0 and m.stage.peak_mem_mb > 0
+
+
+# -- beyond Llama: tiny random-init models of other families (no weights needed) ----------
+
+def _tiny(family: str, experts: str | None = None, **kw):
+    """A 4-layer causal LM of a transformers family, eager attention as for measuring; the
+    sequences below (64 tokens) are longer than the sliding windows."""
+    import transformers
+
+    cfg = getattr(transformers, family)(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=256,
+                                        max_position_embeddings=256, **kw)
+    torch.manual_seed(0)
+    extra = {"experts_implementation": experts} if experts else {}
+    return transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", **extra).eval().requires_grad_(False)
+
+
+def _random_batch(rows=2, length=64, response=16) -> Batch:
+    ids = torch.randint(3, 256, (rows, length), generator=torch.Generator().manual_seed(0))
+    return Batch(ids, torch.ones_like(ids), torch.arange(length).expand(rows, -1).contiguous(),
+                 torch.full((rows,), response), torch.zeros(rows, dtype=torch.long),
+                 np.arange(rows))
+
+
+_GEMMA3_TYPES = ["sliding_attention"] * 3 + ["full_attention"]
+FAMILIES = {  # head_dim 32 × 4 heads: attention width 128 on d_model 64
+    "llama-gqa": ("LlamaConfig", None, {"head_dim": 32}),
+    "gemma": ("GemmaConfig", None, {"head_dim": 32}),
+    "gemma2": ("Gemma2Config", None, {"head_dim": 32, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", None, {"head_dim": 32, "sliding_window": 16,
+                                          "layer_types": _GEMMA3_TYPES}),
+    "qwen3": ("Qwen3Config", None, {"head_dim": 32}),
+    # mixture-of-experts, in transformers' default grouped matmul and in its per-expert loop
+    **{f"mixtral-{e}": ("MixtralConfig", e, {"num_local_experts": 4, "num_experts_per_tok": 2})
+       for e in ("grouped_mm", "eager")},
+    **{f"qwen2moe-{e}": ("Qwen2MoeConfig", e, {"num_experts": 4, "num_experts_per_tok": 2,
+                                               "moe_intermediate_size": 32,
+                                               "shared_expert_intermediate_size": 64})
+       for e in ("grouped_mm", "eager")},
+    "qwen3moe": ("Qwen3MoeConfig", None, {"num_experts": 4, "num_experts_per_tok": 2,
+                                          "moe_intermediate_size": 32}),
+}
+
+
+def test_param_counts_read_the_architecture():
+    p = param_counts(_tiny("MixtralConfig", num_local_experts=4, num_experts_per_tok=2))
+    # 2 of the 4 experts (gate, up, down: 3·64·128 each) idle per token in each of 4 layers
+    assert p["non_embedding"] - p["active"] == 4 * 2 * 3 * 64 * 128
+    g = param_counts(_tiny("Gemma3TextConfig", **FAMILIES["gemma3"][2]))
+    assert (g["d_model"], g["d_attn"], g["window"], g["n_window_layers"]) == (64, 128, 16, 3)
+    q = param_counts(_tiny("Qwen2Config", use_sliding_window=True, sliding_window=8,
+                           max_window_layers=2))
+    assert (q["window"], q["n_window_layers"]) == (8, 2)  # layers from max_window_layers on
+    d = param_counts(_tiny("LlamaConfig"))
+    assert (d["active"], d["d_attn"], d["window"]) == (d["non_embedding"], 64, 0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_families_analytic_matches_measured(name):
+    family, experts, kw = FAMILIES[name]
+    model = _tiny(family, experts, **kw)
+    batch = _random_batch()
+    with Meter("fwd", "selection", param_counts(model)) as m, torch.no_grad():
+        response_nll(model, batch)
+        m.forward(batch)
+    assert abs(m.stage.analytic_flops / m.stage.measured_flops - 1) < 0.05
+    peft_model = add_lora(model, TrainConfig())
+    with Meter("step", "training", param_counts(peft_model)) as m:
+        nll, n = response_nll(peft_model, batch, suffix=True)
+        (nll.sum() / n.sum()).backward()
+        m.lora_step(batch)
+    assert abs(m.stage.analytic_flops / m.stage.measured_flops - 1) < 0.05
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("MistralConfig", {"sliding_window": 8}),  # every layer
+    ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "layer_types": _GEMMA3_TYPES}),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
+])
+def test_generation_sees_the_window(family, kw):
+    """Decoding far past the window: the KV cache of a sliding layer holds `window` keys
+    (the 12-token prefill is longer than the window and computes the full product)."""
+    model = _tiny(family, **kw)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with FlopCounter() as c, torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=100, min_new_tokens=100, do_sample=False,
+                             pad_token_id=0)
+    analytic = generation_flops(param_counts(model), [12], [out.shape[1] - 12])
+    assert abs(analytic / c.total - 1) < 0.05

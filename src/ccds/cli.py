@@ -377,13 +377,14 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
 
 
 def _model_size(spec: str) -> float:
-    """A parameter count: a number (7e9) or a model whose non-embedding size is read."""
+    """A parameter count: a number (7e9) or a model whose non-embedding size is read (the
+    active parameters of a mixture-of-experts, what a token costs)."""
     try:
         return float(spec)
     except ValueError:
         from .models import counts_without_weights
 
-        return float(counts_without_weights(spec)["non_embedding"])
+        return float(counts_without_weights(spec)["active"])
 
 
 @app.command("plan")

@@ -2,20 +2,27 @@
 
 Two analytic conventions are kept side by side:
 - "ccds": what ccds actually computes, on real (unpadded) tokens — 2·N·T forward for the
-  non-embedding body, the LM head only where logits are needed, LoRA adapters, and the
-  attention score/value matmuls (4·n_layer·d_model·L² per sequence of length L, the full
-  L×L product as the kernels compute it). Backward of a LoRA step adds the input
-  gradients (2·N·T) and the adapters' weight gradients; frozen weights get none.
+  non-embedding body (N = `active`: a mixture-of-experts runs the router and top-k experts),
+  the LM head only where logits are needed, LoRA adapters, and the attention score/value
+  matmuls (4·n_layer·d_attn·L² per sequence of length L, d_attn = n_heads·head_dim, the
+  full L×L product as the eager and SDPA kernels compute it, on sliding-window layers too:
+  they mask the product, they do not skip it). Backward of a LoRA step adds the input
+  gradients (2·N·T) and the adapters' weight gradients; frozen weights get none. Decoding
+  with a KV cache is where a window saves work: transformers keeps only the last `window`
+  keys of those layers, so a step there attends to min(context, window) keys.
 - "paper": the compute-constrained data selection paper's charge, N = non-embedding
-  parameters: 2·N·T to score, 6·N·T to train (LoRA or not), no attention term.
+  parameters (active ones for a mixture-of-experts): 2·N·T to score, 6·N·T to train (LoRA
+  or not), no attention term.
 Measured counts come from torch's FLOP formulas (those of FlopCounterMode) applied to every op
-that actually ran. torch has no formula for the fused CPU attention kernel (it counts 0), so
-ccds registers one below.
+that actually ran. torch has no formula for the fused CPU attention kernel nor for the
+grouped matmul transformers runs a mixture-of-experts with (both count 0), so ccds registers
+them below.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -43,6 +50,26 @@ def _register_cpu_attention() -> None:
 
 
 _register_cpu_attention()
+
+
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """aten._grouped_mm: each row (or column) meets only its own group's matrix, so a ragged
+    product costs what one dense product of the same rows would."""
+    if len(a_shape) == 3 and len(b_shape) == 2:  # [G, M, K] @ [K, ΣN]
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * math.prod(a_shape) * b_shape[-1]  # [ΣM, K] @ [G, K, N]; [K, ΣM] @ [ΣM, N]; batched
+
+
+def _register_grouped_mm() -> None:
+    """Count the expert matmuls of transformers' default ("grouped_mm") MoE forward."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is not None and op not in fc.flop_registry:
+        fc.flop_registry[op] = fc.shape_wrapper(_grouped_mm_flop)
+
+
+_register_grouped_mm()
 
 
 class FlopCounter(TorchDispatchMode):
@@ -94,42 +121,57 @@ def encoded_work(enc, suffix: bool = False) -> Work:
     return w
 
 
+def _attention(p: dict[str, int], w: Work) -> float:
+    """Score and value matmuls of one pass: the full L×L product on every layer."""
+    return 4 * p["n_layer"] * p["d_attn"] * w.tokens_sq
+
+
 def forward_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, one forward pass (LoRA adapters included when present)."""
-    return (2 * (p["non_embedding"] + p["lora"]) * w.tokens + 2 * p["head"] * w.head_tokens
-            + 4 * p["n_layer"] * p["d_model"] * w.tokens_sq)
+    return (2 * (p["active"] + p["lora"]) * w.tokens + 2 * p["head"] * w.head_tokens
+            + _attention(p, w))
 
 
 def lora_step_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, forward + backward of a LoRA step: ≈ 4·N·T + 6·N_lora·T + attention."""
-    body, head, lora = p["non_embedding"], p["head"], p["lora"]
-    attn = 4 * p["n_layer"] * p["d_model"] * w.tokens_sq
-    return (4 * body * w.tokens + 4 * head * w.head_tokens + 6 * lora * w.tokens + 3 * attn)
+    return (4 * p["active"] * w.tokens + 4 * p["head"] * w.head_tokens
+            + 6 * p["lora"] * w.tokens + 3 * _attention(p, w))
 
 
 def full_step_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, forward + backward with every weight trained: ≈ 6·N·T + attention."""
-    attn = 4 * p["n_layer"] * p["d_model"] * w.tokens_sq
-    return 6 * p["non_embedding"] * w.tokens + 6 * p["head"] * w.head_tokens + 3 * attn
+    return 6 * p["active"] * w.tokens + 6 * p["head"] * w.head_tokens + 3 * _attention(p, w)
+
+
+def _keys(c: int, window: int) -> int:
+    """Σ_{i=1..c} min(i, window): keys seen by decoding steps at contexts 1..c."""
+    if not window or c <= window:
+        return c * (c + 1) // 2
+    return window * (window + 1) // 2 + (c - window) * window
 
 
 def generation_flops(p: dict[str, int], prompt_lens, new_lens) -> float:
     """ccds convention, KV-cached greedy decoding: a prefill with logits at the last
-    position, then one token at a time attending to the cache."""
-    n = p["non_embedding"] + p["lora"]
-    attn = 4 * p["n_layer"] * p["d_model"]
+    position (the full product on every layer), then one token at a time attending to the
+    cache, which a sliding-window layer holds at most `window` keys of."""
+    n = p["active"] + p["lora"]
+    w, n_win = p["window"], p["n_window_layers"]
+    per_key = 4 * p["d_attn"]
     total = 0.0
     for lp, g in zip(prompt_lens, new_lens, strict=True):
         lp, g = int(lp), int(g)
-        total += 2 * n * lp + 2 * p["head"] + attn * lp * lp  # prefill
-        steps = max(g - 1, 0)  # the first new token came out of the prefill
-        total += steps * (2 * n + 2 * p["head"]) + attn * (steps * lp + steps * (steps + 1) / 2)
+        total += 2 * n * lp + 2 * p["head"] + p["n_layer"] * per_key * lp * lp  # prefill
+        steps = max(g - 1, 0)  # the first new token came out of the prefill; step j sees lp+j
+        keys = ((p["n_layer"] - n_win) * (_keys(lp + steps, 0) - _keys(lp, 0))
+                + n_win * (_keys(lp + steps, w) - _keys(lp, w)))
+        total += steps * (2 * n + 2 * p["head"]) + per_key * keys
     return total
 
 
 def paper_flops(p: dict[str, int], tokens: int, training: bool) -> float:
-    """The paper's charge: 6·N·T to train, 2·N·T for a forward pass (N non-embedding)."""
-    return (6 if training else 2) * p["non_embedding"] * tokens
+    """The paper's charge: 6·N·T to train, 2·N·T for a forward pass (N non-embedding; the
+    active parameters of a mixture-of-experts)."""
+    return (6 if training else 2) * p["active"] * tokens
 
 
 # -- the ledger ---------------------------------------------------------------------------

@@ -223,7 +223,10 @@ def load_sentence_encoder(name: str = "minilm", device: str = "cpu"):
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Parameter counts used by the FLOPs ledger (spec §2): with and without embeddings."""
+    """What the FLOPs ledger needs (spec §2): parameters with and without embeddings, those a
+    token passes through (`active`: a mixture-of-experts runs only its top-k experts), the
+    attention width n_heads·head_dim (not d_model in every family) and the sliding-window
+    layers of the KV cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     emb = base.get_input_embeddings().weight
     head = base.get_output_embeddings()
@@ -241,9 +244,34 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     n_emb = emb.numel()
     n_head = head_w.numel() if head_w is not None else 0
     body = total - lora - n_emb - (0 if tied else n_head)
-    cfg = base.config
-    return {"total": total - lora, "non_embedding": body, "embedding": n_emb, "head": n_head,
-            "lora": lora, "n_layer": cfg.num_hidden_layers, "d_model": cfg.hidden_size}
+    cfg = base.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    window, n_window = _cache_windows(cfg)
+    return {"total": total - lora, "non_embedding": body,
+            "active": body - _idle_experts(base, cfg), "embedding": n_emb, "head": n_head,
+            "lora": lora, "n_layer": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
+            "d_attn": heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+            "window": window, "n_window_layers": n_window}
+
+
+def _idle_experts(model: torch.nn.Module, cfg) -> int:
+    """Expert weights a token skips: (E - k)/E of every stacked [E, ...] expert tensor."""
+    k, idle = getattr(cfg, "num_experts_per_tok", None), 0
+    for m in model.modules():
+        e, own = getattr(m, "num_experts", None), list(m.parameters(recurse=False))
+        if k and isinstance(e, int) and any(p.dim() == 3 and p.shape[0] == e for p in own):
+            idle += sum(p.numel() for p in own if p.shape[0] == e) * (e - k) // e
+    return idle
+
+
+def _cache_windows(cfg) -> tuple[int, int]:
+    """(window, layers) of the sliding-window (and chunked) layers as transformers builds their
+    KV cache, where a decoding step attends to at most `window` keys; (0, 0) if none."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    ws = [kw["sliding_window"] for kw in get_layer_types_and_kwargs(cfg)[1]
+          if kw.get("sliding_window")]
+    return (max(ws), len(ws)) if ws else (0, 0)
 
 
 def counts_without_weights(name: str, lora=None) -> dict[str, int]:
