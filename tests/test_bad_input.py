@@ -39,6 +39,12 @@ def make_target(tmp, val_rows):
     return d
 
 
+def plan(*extra, **sizes):
+    sizes = {"budget": "1e18", "train-model": "7e9", "selection-model": "7e9",
+             "pool-tokens": "1e8", **sizes}
+    return ("plan", *(x for k, v in sizes.items() for x in (f"--{k}", v)), *extra)
+
+
 def nan_scores(tmp, pool):
     import numpy as np
 
@@ -136,7 +142,47 @@ CASES = [
     ("plan: missing sizes", lambda t, p, o: ("plan", "--budget", "1e18"), ["--train-model"]),
     ("analyze: no run store", lambda t, p, o: ("analyze", t), ["run store"]),
     ("build-pool: unknown source", lambda t, p, o: ("data", "build-pool", "--source",
-                                                    "nosuch@3", "--out", o), ["nosuch"]),
+                                                    "nosuch@3", "--out", o),
+     ["unknown source 'nosuch'", "gsm8k", "alpaca"]),
+    # issue 20: typer's own errors, corrupt inputs, sizes as people type them
+    ("plan: budget not a number", lambda t, p, o: plan(budget="abc"), ["'--budget'", "number"]),
+    ("plan: NaN budget", lambda t, p, o: plan(budget="nan"), ["positive"]),
+    ("plan: a size that is neither a count nor a model", lambda t, p, o: plan(
+        **{"train-model": "7X"}), ["'7X'", "1.5B", "smollm2-135m"]),
+    ("plan: pool tokens not a number", lambda t, p, o: plan(**{"pool-tokens": "lots"}),
+     ["--pool-tokens 'lots'", "135M"]),
+    ("plan: fits file not from analyze", lambda t, p, o: plan(
+        "--fits", (t / "f.json").write_text("[1, 2]") and t / "f.json"),
+     ["f.json", "not a fits file"]),
+    ("plan: unknown prior", lambda t, p, o: plan("--prior", "mine"), ["'--prior'", "paper"]),
+    ("unknown command", lambda t, p, o: ("selekt", "--pool", p), ["selekt"]),
+    ("unknown option", lambda t, p, o: select(p, o, "--count", "3", "--frac", "0.1"),
+     ["--frac"]),
+    ("integer option not a number", lambda t, p, o: select(p, o, "--count", "three"),
+     ["'--count'", "integer"]),
+    ("analyze: run store that is not a database", lambda t, p, o: (
+        (t / "runs.sqlite").write_text("not sqlite") and ("analyze", t)), ["not a database"]),
+    ("analyze: unknown sharing", lambda t, p, o: ("analyze", t, "--share", "all"),
+     ["'--share'", "pbar_p0"]),
+    ("cost: fractions not numbers", lambda t, p, o: ("cost", "--pool", p, "--fractions",
+                                                     "5%,10%"), ["--fractions"]),
+    ("cost: negative epochs", lambda t, p, o: ("cost", "--pool", p, "--epochs", "-1"),
+     ["--epochs"]),
+    ("compare: figure format", lambda t, p, o: ("data", "compare", "--pool", p, "--subset",
+                                                f"a={p}", "--out", o.with_suffix(".txt")),
+     ["o.txt", ".png"]),
+    ("score: shard size 0", lambda t, p, o: ("score", "--pool", p, "--out", o, "--shard-size",
+                                             "0"), ["shard_size"]),
+    ("select: missing scores file", lambda t, p, o: select(p, o, "--count", "3", "--scores",
+                                                           t / "s.parquet"),
+     ["s.parquet", "no such scores file"]),
+    ("select: scores of another method", lambda t, p, o: select(
+        p, o, "--count", "3", "--method", "bm25", "--scores", nan_scores(t, p)),
+     ["random scores, not bm25"]),
+    ("select: FLOPs budget not finite", lambda t, p, o: select(p, o, "--flops", "inf"),
+     ["inf", "finite"]),
+    ("demo: fraction above 1", lambda t, p, o: ("demo", "--out", o, "--fraction", "2"),
+     ["fraction"]),
     ("compare: missing subset", lambda t, p, o: ("data", "compare", "--pool", p, "--subset",
                                                  f"a={t / 'none.jsonl'}", "--out",
                                                  t / "c.png"), ["none.jsonl"]),

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,23 @@ def one_error_line(r, *needles):
 def test_every_command_has_help(cmd):
     r = ccds(*cmd, "--help")
     assert r.returncode == 0 and "Usage" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["score", "select"])
+def test_method_help_names_every_registered_method_without_torch(cmd):
+    """--help lists the registry's methods, yet stays fast: it must not import torch."""
+    from ccds.cli import METHODS
+    from ccds.score import REGISTRY
+
+    assert sorted(METHODS) == sorted(REGISTRY)
+    code = (f"import sys\nfrom ccds.cli import main\ntry:\n    main([{cmd!r}, '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    words = set(r.stdout.replace("│", " ").replace(",", " ").split())
+    assert set(REGISTRY) <= words, set(REGISTRY) - words
+    assert r.stdout.split()[-1] == "False"  # torch not imported
 
 
 @pytest.fixture()

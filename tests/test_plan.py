@@ -1,9 +1,11 @@
 """The planner: within budget always, and the paper's conclusions from its own prior."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccds.plan import paper_prior, plan
+from ccds.errors import CcdsError
+from ccds.plan import model_size, paper_prior, parse_count, plan
 
 
 @settings(max_examples=200, deadline=None)
@@ -38,3 +40,35 @@ def test_plan_command(tmp_path):
              "--pool-tokens", "1e8")
     assert r.returncode == 0, r.stderr
     assert "Use ppl on" in r.stdout and "runner-up" in r.stdout
+
+
+@pytest.mark.parametrize("text,n", [("7B", 7e9), ("70b", 70e9), ("1.5B", 1.5e9), ("135M", 135e6),
+                                    ("7e9", 7e9), ("7000000000", 7e9), ("100k", 1e5),
+                                    ("1T", 1e12), (".5B", 5e8), (" 7B ", 7e9)])
+def test_counts_as_people_write_them(text, n):
+    assert parse_count(text) == pytest.approx(n, rel=1e-12)
+    assert model_size(text) == pytest.approx(n, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["", "B", "seven", "7X", "7 B", "-7B", "1.2.3B", "nan", "inf",
+                                  "7BB"])
+def test_nonsense_counts_name_the_accepted_forms(text):
+    with pytest.raises(CcdsError, match="7B, 70b, 1.5B, 135M, 7e9 or 7000000000"):
+        parse_count(text)
+
+
+@pytest.mark.parametrize("spec", ["seven", "7X"])
+def test_model_size_says_a_count_or_a_model(spec):
+    with pytest.raises(CcdsError) as e:
+        model_size(spec)
+    assert "neither a parameter count nor a known model" in str(e.value)
+    assert "1.5B" in str(e.value) and "smollm2-135m" in str(e.value)
+
+
+def test_plan_command_reads_sizes_as_typed():
+    from test_cli import ccds
+
+    r = ccds("plan", "--budget", "4e18", "--train-model", "70B", "--selection-model", "7b",
+             "--pool-tokens", "100M")
+    assert r.returncode == 0, r.stderr
+    assert "training 7e+10 params, selection 7e+09, pool 1e+08 tokens" in r.stdout

@@ -180,6 +180,30 @@ def test_s2l_and_curriculum_from_the_cli(synth_pool, tiny_model_dir, tmp_path):
     assert r.returncode == 0 and "--order given" in r.stdout, r.stderr
 
 
+def test_select_from_curriculum_scores_writes_the_curriculum_order(synth_pool, tiny_model_dir,
+                                                                    tmp_path):
+    """`select --scores` applies the method's training order, as selecting without them does."""
+    from test_cli import ccds
+
+    from ccds.data.formats import load_examples, write_examples
+
+    pool = tmp_path / "pool.jsonl"
+    write_examples(synth_pool, pool)
+    proxy = [x for k, v in {"tokenizer": str(tiny_model_dir), **PROXY}.items()
+             for x in ("--param", f"{k}={v}")]
+    r = ccds("score", "--pool", pool, "--method", "curriculum", *proxy, "--out",
+             tmp_path / "s.parquet")
+    assert r.returncode == 0, r.stderr
+    ids = {}
+    for name, extra in (("direct", ["--method", "curriculum"]),
+                        ("scores", ["--scores", tmp_path / "s.parquet"])):
+        r = ccds("select", "--pool", pool, *extra, *proxy, "--count", "20", "--out",
+                 tmp_path / f"{name}.jsonl")
+        assert r.returncode == 0 and "--order given" in r.stdout, r.stderr
+        ids[name] = [e.id for e in load_examples(tmp_path / f"{name}.jsonl")]
+    assert ids["scores"] == ids["direct"]
+
+
 def test_composition_and_purity(tmp_path):
     from test_cli import ccds
 

@@ -5,10 +5,11 @@ Bad input raises CcdsError anywhere below; `main` prints it as one line and exit
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -24,6 +25,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Build and inspect pools and t
 app.add_typer(data_app, name="data")
 
 Opt = typer.Option
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def _params(items: list[str] | None) -> dict[str, Any]:
@@ -151,7 +153,11 @@ def data_stats(pool: Annotated[str, typer.Argument(help="pool file, folder or hu
 
 # -- score / select / cost ----------------------------------------------------------------
 
-MethodOpt = Annotated[str, Opt(help="selection method: random, bm25, embed, ppl, cascade")]
+# The registered selection methods (ccds.score.REGISTRY), named here because importing the
+# methods imports torch, which would make every --help take a second; a test keeps them equal.
+METHODS = ("random", "bm25", "embed", "ppl", "less", "cascade", "s2l", "least_confidence",
+           "mid_ppl", "learnability", "facility_location", "curriculum")
+MethodOpt = Annotated[str, Opt(help=f"selection method: {', '.join(METHODS)}")]
 ParamOpt = Annotated[list[str] | None, Opt(help="method parameter name=value (repeatable)")]
 
 
@@ -160,12 +166,15 @@ def data_compare(
         pool: Annotated[str, Opt(help="the pool the subsets came from")],
         subset: Annotated[list[str], Opt(help="NAME=PATH of a selected subset (repeatable)")],
         out: Annotated[Path, Opt(help="figure (.png/.svg); a .json with the numbers beside it")],
-        depth: Annotated[int, Opt(help="source levels: 1 = dataset, 2 = task")] = 1,
-        top: Annotated[int, Opt(help="groups shown; the rest are 'other'")] = 12):
+        depth: Annotated[int, Opt(min=1, help="source levels: 1 = dataset, 2 = task")] = 1,
+        top: Annotated[int, Opt(min=1, help="groups shown; the rest are 'other'")] = 12):
     """Source composition of selected subsets against the pool (a table and a plot)."""
     from .analyse.composition import composition, plot_composition
     from .io import write_json
 
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise CcdsError(f"cannot draw a {out.suffix or 'suffix-less'} figure", str(out),
+                        "name it .png, .svg or .pdf")
     subsets = {}
     for item in subset:
         name, eq, path = item.partition("=")
@@ -194,7 +203,7 @@ def _score(pool: str, method: str, target: str | None, param: list[str] | None, 
     return examples, run(m, examples, tgt, ctx=ctx), m
 
 
-BackendOpt = Annotated[str, Opt(help="where per-example passes run: local or ray")]
+BackendOpt = Annotated[Literal["local", "ray"], Opt(help="where per-example passes run")]
 AddressOpt = Annotated[str | None, Opt(help="Ray cluster address (default: start Ray here)")]
 ShardOpt = Annotated[int, Opt(help="rows per Ray shard (the unit of resume)")]
 ActorsOpt = Annotated[int, Opt(help="Ray actors, each with its own model")]
@@ -203,9 +212,8 @@ ActorsOpt = Annotated[int, Opt(help="Ray actors, each with its own model")]
 def _backend(kind: str, address: str | None, shard_size: int, concurrency: int):
     from .score.backend import Backend
 
-    if kind not in ("local", "ray"):
-        raise CcdsError(f"unknown backend '{kind}'", None, "use --backend local or ray")
-    return Backend(kind=kind, address=address, shard_size=shard_size, concurrency=concurrency)
+    return _config(Backend, None, dict(kind=kind, address=address, shard_size=shard_size,
+                                       concurrency=concurrency))
 
 
 @app.command("score")
@@ -232,9 +240,12 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or 
 def select_cmd(
         pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
         out: Annotated[Path, Opt(help="subset: .jsonl, .parquet or a HF dataset folder")],
-        method: MethodOpt = "random",
+        method: Annotated[str | None, Opt(help=f"selection method: {', '.join(METHODS)} "
+                                               "(default: random, or the --scores' method)")]
+        = None,
         target: Annotated[str | None, Opt(help="target spec or folder")] = None,
-        scores: Annotated[Path | None, Opt(help="use a scores file from `ccds score`")] = None,
+        scores: Annotated[Path | None, Opt(help="use a scores file from `ccds score` (with "
+                                                "the same --param and --seed)")] = None,
         fraction: Annotated[float | None, Opt(help="fraction of the pool, in (0, 1]")] = None,
         count: Annotated[int | None, Opt(help="number of examples")] = None,
         tokens: Annotated[int | None, Opt(help="training-token budget")] = None,
@@ -243,28 +254,38 @@ def select_cmd(
         param: ParamOpt = None,
         seed: Annotated[int, Opt()] = 0,
         model: Annotated[str, Opt(help="tokenizer for --tokens")] = "smollm2-135m",
-        fmt: Annotated[str | None, Opt("--format", help="jsonl, parquet or hf")] = None):
+        fmt: Annotated[Literal["jsonl", "parquet", "hf"] | None, Opt("--format")] = None):
     """Score the pool with a method (or read scores) and write the selected subset."""
     from .data.formats import write_examples
-    from .score import read_scores
+    from .score import REGISTRY, get_method, read_scores
     from .select import select
 
     if sum(x is not None for x in (fraction, count, tokens, flops)) != 1:
         raise CcdsError("give exactly one of --fraction, --count, --tokens or --flops")
     if fraction is not None and not 0 < fraction <= 1:
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
-    m = None
     if scores is not None:
         examples = _load_pool(pool)
         sc = read_scores(scores)
-        if sc is None or sc.ids != [e.id for e in examples]:
-            raise CcdsError("scores file does not match the pool (ids differ or unreadable)",
+        if sc is None:
+            raise CcdsError("not a scores file from `ccds score`" if scores.is_file() else
+                            "no such scores file", str(scores), "give the .parquet that "
+                                                                "ccds score wrote")
+        if method not in (None, sc.method):
+            raise CcdsError(f"these are {sc.method} scores, not {method}", str(scores),
+                            "drop --method or score with it")
+        if sc.ids != [e.id for e in examples]:
+            raise CcdsError("scores file does not match the pool (ids differ)",
                             str(scores), "re-run ccds score on this pool")
         if np.isnan(sc.values).any():
             raise CcdsError(f"{int(np.isnan(sc.values).sum())} NaN scores", str(scores),
                             "re-score the pool; check those examples for empty text")
+        # the method itself, for its training order (a curriculum's); none for scores that
+        # another program wrote under its own name
+        m = (get_method(sc.method, **{"seed": seed, **_params(param)})
+             if sc.method in REGISTRY else None)
     else:
-        examples, sc, m = _score(pool, method, target, param, seed)
+        examples, sc, m = _score(pool, method or "random", target, param, seed)
     lengths, per_token = None, None
     if tokens is not None or flops is not None:
         from transformers import AutoTokenizer
@@ -313,11 +334,17 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
     from .tokenize import encode
     from .train import TrainConfig
 
+    try:
+        fr = [float(x) for x in fractions.split(",") if x.strip()]
+    except ValueError:
+        fr = []
+    if not fr or any(not 0 < f <= 1 for f in fr):
+        raise CcdsError(f"--fractions {fractions!r} must be numbers in (0, 1]", None,
+                        "e.g. --fractions 0.05,0.1,1")
+    if not epochs > 0:
+        raise CcdsError(f"--epochs {epochs} must be positive")
     examples = _load_pool(pool)
     tgt = _load_target(target) if target else None
-    fr = [float(x) for x in fractions.split(",") if x.strip()]
-    if any(not 0 < f <= 1 for f in fr):
-        raise CcdsError(f"fractions must be in (0, 1]: {fractions}")
     tok = AutoTokenizer.from_pretrained(resolve(train_model).path)
     counts = counts_without_weights(train_model, TrainConfig(model=train_model))
     work = encoded_work(encode(examples, tok), suffix=True)
@@ -355,17 +382,17 @@ def sweep_run(config: Annotated[Path, typer.Argument(help="sweep YAML (see ccds.
 def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")],
                 out: Annotated[Path | None, Opt(help="report folder (default RUNS/report)")]
                 = None,
-                share: Annotated[str, Opt(help="none, pbar or pbar_p0: shared fit "
-                                               "parameters")] = "pbar",
-                convention: Annotated[str, Opt(help="ccds or paper FLOPs")] = "ccds",
-                bootstrap: Annotated[int, Opt(help="bootstrap resamples")] = 200,
-                p0: Annotated[str, Opt(help="measured (P0 = the sweep's zero-shot run) or "
-                                            "fit")] = "measured"):
+                share: Annotated[Literal["none", "pbar", "pbar_p0"],
+                                 Opt(help="fit parameters shared by the methods")] = "pbar",
+                convention: Annotated[Literal["ccds", "paper"], Opt(help="FLOPs convention")]
+                = "ccds",
+                bootstrap: Annotated[int, Opt(min=0, help="bootstrap resamples")] = 200,
+                p0: Annotated[Literal["measured", "fit"],
+                              Opt(help="measured: P0 = the sweep's zero-shot run")]
+                = "measured"):
     """Fit P(C) per method, draw frontiers, find break-even ratios, write the report."""
     from .analyse.runs import analyze, run_label
 
-    if convention not in ("ccds", "paper"):
-        raise CcdsError(f"unknown convention '{convention}'", None, "use ccds or paper")
     out = out or runs / "report"
     report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0)
     for g in report["groups"]:
@@ -376,32 +403,22 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
     typer.echo(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'fits.json'}")
 
 
-def _model_size(spec: str) -> float:
-    """A parameter count: a number (7e9) or a model whose non-embedding size is read (the
-    active parameters of a mixture-of-experts, what a token costs)."""
-    try:
-        return float(spec)
-    except ValueError:
-        from .models import counts_without_weights
-
-        return float(counts_without_weights(spec)["active"])
-
-
 @app.command("plan")
 def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + training")],
              train_model: Annotated[str | None, Opt(help="model to fine-tune: name or size "
-                                                         "(7e9)")] = None,
+                                                         "(7B, 1.5B, 135M, 7e9)")] = None,
              selection_model: Annotated[str | None, Opt(help="model that scores: name or "
                                                              "size")] = None,
-             pool_tokens: Annotated[float | None, Opt(help="tokens in the pool")] = None,
-             tasks: Annotated[int, Opt(help="target tasks sharing one selection")] = 1,
+             pool_tokens: Annotated[str | None, Opt(help="tokens in the pool (1e8, 100M)")]
+             = None,
+             tasks: Annotated[int, Opt(min=1, help="target tasks sharing one selection")] = 1,
              fits: Annotated[Path | None, Opt(help="fits.json from `ccds analyze`")] = None,
              pilot: Annotated[Path | None, Opt(help="sweep YAML: run its two smallest "
                                                     "fractions, fit, and plan from that")] = None,
-             prior: Annotated[str, Opt(help="curves when no --fits/--pilot: paper")] = "paper"):
+             prior: Annotated[Literal["paper"], Opt(help="curves when no --fits/--pilot")]
+             = "paper"):
     """Recommend a method and fraction for a compute budget, with the predicted result."""
-    from .io import read_json
-    from .plan import PAPER_PRIOR, explain, from_fits, paper_prior, plan
+    from .plan import PAPER_PRIOR, explain, from_fits, model_size, paper_prior, parse_count, plan
 
     c_full_k = 6.0
     defaults: dict = {}
@@ -412,19 +429,18 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
                and n not in defaults]
     if missing:
         raise CcdsError(f"missing {', '.join(missing)}", None, "give them (or use --pilot)")
-    n_train = _model_size(train_model) if train_model else defaults["--train-model"]
-    n_sel = _model_size(selection_model) if selection_model else defaults["--selection-model"]
-    pool_tokens = pool_tokens or defaults["--pool-tokens"]
+    n_train = model_size(train_model) if train_model else defaults["--train-model"]
+    n_sel = model_size(selection_model) if selection_model else defaults["--selection-model"]
+    n_tokens = (parse_count(pool_tokens, "--pool-tokens") if pool_tokens
+                else defaults["--pool-tokens"])
     if fits is not None:
-        models, c_full_k = from_fits(read_json(fits))
+        models, c_full_k = from_fits(fits)
         source = f"fits from {fits}"
-    elif prior == "paper":
-        models, source = paper_prior(n_train), PAPER_PRIOR["source"]
     else:
-        raise CcdsError(f"unknown prior '{prior}'", None, "use --prior paper or --fits FILE")
-    options, out = plan(budget, n_train, n_sel, pool_tokens, models, tasks, c_full_k)
+        models, source = paper_prior(n_train), PAPER_PRIOR["source"]
+    options, out = plan(budget, n_train, n_sel, n_tokens, models, tasks, c_full_k)
     typer.echo(f"budget {budget:.3g} FLOPs; training {n_train:.3g} params, selection "
-               f"{n_sel:.3g}, pool {pool_tokens:.3g} tokens, {tasks} task(s)")
+               f"{n_sel:.3g}, pool {n_tokens:.3g} tokens, {tasks} task(s)")
     typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
                f"{'predicted':>11}")
     for o in options:
@@ -434,7 +450,7 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
     for m, why in out:
         typer.echo(f"{m:<18}ruled out: {why}")
     typer.echo("")
-    typer.echo(explain(options, out, budget, c_full_k * n_train * pool_tokens, tasks, source))
+    typer.echo(explain(options, out, budget, c_full_k * n_train * n_tokens, tasks, source))
 
 
 def _pilot(config: Path) -> tuple[Path, dict]:
@@ -469,9 +485,10 @@ def train_cmd(
         lora_r: Annotated[int | None, Opt()] = None,
         grad_accum: Annotated[int | None, Opt()] = None,
         checkpoints: Annotated[int | None, Opt(help="evenly spaced checkpoints to keep")] = None,
-        order: Annotated[str | None, Opt(help="shuffle, or given (a curriculum's order)")] = None,
+        order: Annotated[Literal["shuffle", "given"] | None,
+                         Opt(help="given: a curriculum's order")] = None,
         seed: Annotated[int | None, Opt()] = None,
-        dtype: Annotated[str | None, Opt(help="auto, fp32, bf16, fp16")] = None):
+        dtype: Annotated[Dtype | None, Opt()] = None):
     """LoRA-fine-tune a model on a subset; writes the adapter and a FLOPs ledger."""
     from .flops import Ledger
     from .io import write_json
@@ -504,7 +521,7 @@ def eval_cmd(
         max_examples: Annotated[int | None, Opt(min=1, help="cap on T")] = None,
         max_new_tokens: Annotated[int, Opt(min=1)] = 128,
         no_generate: Annotated[bool, Opt("--no-generate", help="skip exact match")] = False,
-        dtype: Annotated[str, Opt()] = "auto"):
+        dtype: Annotated[Dtype, Opt()] = "auto"):
     """Evaluate a model (optionally with an adapter) on targets' test sets."""
     from .evaluate import EvalConfig, evaluate
     from .flops import Ledger
@@ -544,15 +561,15 @@ def demo_cmd(out: Annotated[Path, Opt(help="report folder")] = Path("demo-out"),
     """The whole loop on the embedded defaults: data, select, train, evaluate, report."""
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out, fraction=fraction, n_pool=n_pool, n_test=n_test, seed=seed,
-                     model=model, target=target or None,
-                     methods=[m.strip() for m in methods.split(",")] if methods else None)
-    run_demo(cfg)
+    run_demo(_config(DemoConfig, None, dict(
+        out=out, fraction=fraction, n_pool=n_pool, n_test=n_test, seed=seed, model=model,
+        target=target or None,
+        methods=[m.strip() for m in methods.split(",")] if methods else None)))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
-    import click
+    from typer._click.exceptions import NoArgsIsHelpError  # typer ≥ 0.26 vendors click
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
@@ -561,12 +578,17 @@ def main(argv: list[str] | None = None) -> None:
     except CcdsError as e:
         print(f"ccds: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except NoArgsIsHelpError as e:  # `ccds`, `ccds data`: the help is the answer
         e.show()
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.TyperException as e:  # click's usage errors: a bad value, option or command
+        ctx = getattr(e, "ctx", None)
+        hint = f" — see `{ctx.command_path} --help`" if ctx is not None else ""
+        print(f"ccds: error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
         print("ccds: aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -576,8 +598,9 @@ def main(argv: list[str] | None = None) -> None:
         if e.errno is None:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"ccds: error: {where}{e.strerror} — free space or choose another location",
-              file=sys.stderr)
+        fix = "free space or choose another location" if e.errno in (
+            errno.ENOSPC, errno.EDQUOT) else "choose another location"
+        print(f"ccds: error: {where}{e.strerror} — {fix}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -17,12 +17,15 @@ size's accuracy after training on 2.5% of the pool at random.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .analyse.fit import curve
 from .errors import CcdsError
+from .io import read_json
 
 # Llama-2-7B, pool 270,679 examples ≈ 1.0e8 tokens: full training 4.593e18 FLOPs (6·N·T)
 _PAPER_FULL_7B = 4.593e18
@@ -38,6 +41,36 @@ PAPER_PRIOR = {
                 "ppl": {"rate": 1.913, "k": 1.531e18 / _PAPER_NT_7B},
                 "less": {"rate": 0.455, "k": 8.269e18 / _PAPER_NT_7B}},
 }
+
+
+_COUNT = re.compile(r"(\d+\.?\d*|\.\d+)(e[+-]?\d+)?([kmbt]?)", re.IGNORECASE)
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+COUNT_FORMS = "7B, 70b, 1.5B, 135M, 7e9 or 7000000000"
+
+
+def parse_count(text: str, what: str = "count") -> float:
+    """A count as people write model and pool sizes: '7B', '70b', '1.5B', '135M', '7e9' or
+    '7000000000'."""
+    m = _COUNT.fullmatch(text.strip())
+    if m is None:
+        raise CcdsError(f"{what} {text!r} is not a number", None, f"write it as {COUNT_FORMS}")
+    return float(m[1] + (m[2] or "")) * _SCALE[m[3].lower()]
+
+
+def model_size(spec: str) -> float:
+    """Parameters a token pays for: a count (see `parse_count`) or a model whose active
+    non-embedding size is read from its config (a mixture-of-experts runs only its top-k)."""
+    if _COUNT.fullmatch(spec.strip()):
+        return parse_count(spec)
+    from .models import counts_without_weights
+
+    try:
+        return float(counts_without_weights(spec)["active"])
+    except CcdsError as e:
+        if not e.what.startswith("unknown model"):
+            raise
+        raise CcdsError(f"{spec!r} is neither a parameter count nor a known model", None,
+                        f"give a count ({COUNT_FORMS}) or a model: {e.fix}") from None
 
 
 @dataclass
@@ -68,22 +101,29 @@ def paper_prior(n_train: float) -> list[MethodModel]:
     return out
 
 
-def from_fits(report: dict, target: str | None = None) -> tuple[list[MethodModel], float]:
+def from_fits(path: Path | str, target: str | None = None
+              ) -> tuple[list[MethodModel], float]:
     """Method models from `ccds analyze`'s fits.json (the group of `target`, else the first)
     and its C_full / (N_train · T_pool), so plans price training in the fit's convention."""
-    groups = [g for g in report["groups"] if target in (None, g["target"]) and g["fits"]]
-    if not groups:
-        raise CcdsError("no fitted curves in this fits file" + (f" for {target}" if target
-                        else ""), None, "run ccds analyze on a sweep with enough fractions")
-    g = groups[0]
-    out = []
-    for name, f in g["fits"].items():
-        meta = g["methods"][name]
-        iv = f.get("intervals", {}).get("lam")  # an unidentified upper end: a flat curve
-        out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
-                               meta["k"], (iv[0], np.inf if iv[1] is None else iv[1])
-                               if iv else None))
-    return out, g["c_full_k"]
+    report = read_json(path)
+    try:
+        groups = [g for g in report["groups"] if target in (None, g["target"]) and g["fits"]]
+        if not groups:
+            raise CcdsError("no fitted curves in this fits file" + (f" for {target}" if target
+                            else ""), str(path), "run ccds analyze on a sweep with enough "
+                                                 "fractions")
+        g = groups[0]
+        out = []
+        for name, f in g["fits"].items():
+            meta = g["methods"][name]
+            iv = f.get("intervals", {}).get("lam")  # an unidentified upper end: a flat curve
+            out.append(MethodModel(name, f["pbar"], f["p0"], f["lam"], meta["selection_share"],
+                                   meta["k"], (iv[0], np.inf if iv[1] is None else iv[1])
+                                   if iv else None))
+        return out, float(g["c_full_k"])
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+        raise CcdsError("not a fits file written by `ccds analyze`", str(path),
+                        "pass the report/fits.json of `ccds analyze`") from None
 
 
 @dataclass
@@ -105,8 +145,10 @@ def plan(budget: float, n_train: float, n_sel: float, pool_tokens: float,
          ) -> tuple[list[Option], list[tuple[str, str]]]:
     """Every affordable option, best first, and the methods ruled out (with why).
     Training on the whole pool costs c_full_k · N_train · T_pool (6: the paper's convention)."""
-    if budget <= 0 or n_train <= 0 or n_sel <= 0 or pool_tokens <= 0 or tasks < 1:
-        raise CcdsError("budget, model sizes and pool tokens must be positive, tasks ≥ 1")
+    if not all(np.isfinite(x) and x > 0 for x in (budget, n_train, n_sel, pool_tokens)) \
+            or tasks < 1:
+        raise CcdsError("budget, model sizes and pool tokens must be positive (finite) numbers,"
+                        " tasks ≥ 1")
     c_full = c_full_k * n_train * pool_tokens
     options, ruled_out = [], []
     for m in models:

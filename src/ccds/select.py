@@ -47,6 +47,8 @@ def select(scores: np.ndarray, *, fraction: float | None = None, count: int | No
     if lengths is None:
         raise CcdsError("a token or FLOPs budget needs token lengths of the pool")
     if flops is not None:
+        if not np.isfinite(flops):
+            raise CcdsError(f"the FLOPs budget {flops} is not a finite number")
         if not flops_per_token:
             raise CcdsError("a FLOPs budget needs the training cost per token")
         left = flops - selection_flops

@@ -39,6 +39,8 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
     (fitted when there is none), "fit" always fits it."""
     if p0 not in ("measured", "fit"):
         raise CcdsError(f"unknown P0 mode '{p0}'", None, "use measured or fit")
+    if share not in ("none", "pbar", "pbar_p0"):  # else every group's fit fails alike
+        raise CcdsError(f"unknown sharing '{share}'", None, "use none, pbar or pbar_p0")
     runs_dir, out = Path(runs_dir), Path(out)
     db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
     if not db.exists():

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import CcdsError
 from ..io import iter_jsonl, read_json, read_text, walk_files, write_json
-from .formats import load_examples, write_examples
+from .formats import FILE_SUFFIXES, load_examples, write_examples
 from .types import Example, Target
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 TARGET_FORMS = ("mmlu[:subject,...]", "bbh[:task,...]", "gsm8k", "bigbench:<task>[,<task>...]",
                 "a target folder written by save_target")
 SOURCE_FORMS = ("bigbench[:task,...]", "gsm8k", "alpaca", "a .jsonl/.json/.parquet file",
-                "a dataset folder", "a Hugging Face hub id")
+                "a dataset folder", "a Hugging Face hub id (owner/name)")
 _SET_DATA_DIR = "set CCDS_DATA_DIR to the folder holding mmlu/, bbh/, gsm8k/, ..."
 BIGBENCH_MAX_BYTES = 50 << 20  # a task file bigger than this is skipped, not parsed
 BIGBENCH_N_VAL = 5
@@ -448,6 +448,9 @@ def load_source(spec: str, data_dir: str | os.PathLike | None = None) -> list[Ex
         return load_bigbench(data_dir, items)
     if name in ("gsm8k", "alpaca") and items is None and not Path(spec).exists():
         return load_gsm8k(data_dir, "train") if name == "gsm8k" else load_alpaca(data_dir)
+    if "/" not in spec and Path(spec).suffix not in FILE_SUFFIXES and not Path(spec).exists():
+        # a bare word is a misspelt source name: asking the hub about it only retries and fails
+        raise CcdsError(f"unknown source {spec!r}", fix=f"valid forms: {'; '.join(SOURCE_FORMS)}")
     try:
         return load_examples(spec)
     except CcdsError as e:
