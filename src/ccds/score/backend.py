@@ -13,8 +13,15 @@ the ledger is the same on either backend.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +35,7 @@ from ..flops import Meter
 from ..io import atomic_path, read_json, write_json
 from ..models import Runtime, cache_dir, pick_runtime
 
+log = logging.getLogger(__name__)
 STATS = ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_tokens")
 
 
@@ -40,13 +48,17 @@ class Backend(BaseModel):
                                 "'ray://host:10001'); none starts Ray on this machine")
     shard_size: int = Field(1024, ge=1, description="pool rows per shard: the unit of "
                             "resume and of one actor call")
-    concurrency: int = Field(1, ge=1, description="actors, each with its own model loaded")
-    cpus_per_actor: float = Field(1, gt=0, description="also its torch threads; leave a "
-                                  "CPU per node free for Ray Data's read tasks")
+    concurrency: int = Field(1, ge=1, description="actors, each with its own model loaded; "
+                             "fewer (with a warning) if the cluster cannot also spare a CPU "
+                             "for Ray Data's read tasks")
+    cpus_per_actor: float = Field(1, gt=0, description="also its torch threads")
     gpus_per_actor: float | None = Field(None, ge=0,
                                          description="none: 1 when the cluster has GPUs")
     work: Path | None = Field(None, description="shard files; shared storage on a multi-node "
                               "cluster (default: the ccds cache)")
+    stall_s: float = Field(1800, gt=0, description="give up when no shard has come back for "
+                           "this long (actors waiting for resources wait forever); more than "
+                           "a model load plus one shard's scoring")
 
 
 class Pass(ABC):
@@ -176,23 +188,147 @@ class _Actor:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` (or start Ray here) once per process."""
+    """Join the cluster at `address` (or start Ray here) once per process.
+
+    Ray's own chatter stays off the user's terminal (in /tmp/ray/session_*/logs): Ray Data's
+    INFO lines and its notice that progress bars are off, the notice that a new local cluster
+    uses token auth, and the C++ driver's ERROR lines, which Ray echoes to stderr (every Ray
+    Data actor pool triggers a harmless one about restartable actors). Those take
+    RAY_BACKEND_LOG_LEVEL=fatal while Ray starts, so a local cluster's own processes log
+    only fatal lines too, and the line in which Ray announces that level is dropped. A
+    RAY_BACKEND_LOG_LEVEL the user set is kept, with everything it prints. Errors still reach
+    the user as exceptions, and Ray's warnings as lines.
+    """
     try:
         import ray
     except ImportError:
         raise CcdsError("the ray backend needs Ray", None,
                         "pip install 'ccds[dist]' (ray[data])") from None
-    if ray.is_initialized():
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        return
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CcdsError(f"cannot connect to Ray at {address or 'a new local cluster'} "
-                        f"({str(e).splitlines()[0]})", None,
-                        "check --address (ray status shows it on the head node)") from None
+    if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _quiet)
+        ours = "RAY_BACKEND_LOG_LEVEL" not in os.environ
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        try:
+            with _stderr_less(b"Set ray log level from environment variable" if ours else None):
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise CcdsError(f"cannot connect to Ray at {address or 'a new local cluster'} "
+                            f"({str(e).splitlines()[0]})", None,
+                            "check --address (ray status shows it on the head node)") from None
+        finally:
+            if ours:
+                del os.environ["RAY_BACKEND_LOG_LEVEL"]
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for h in logging.getLogger("ray.data").handlers:  # the console one; files keep INFO
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_less(drop: bytes | None) -> Iterator[None]:
+    """Hold what this process writes to file descriptor 2 in the block (C++ code's lines
+    too), then pass it on without the lines containing `drop` (None: do nothing)."""
+    if drop is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, b"".join(line for line in held if drop not in line))
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that a new local cluster has token auth on (its warning that auth
+    is off passes)."""
+    return not str(record.msg).startswith("Token authentication is enabled for this Ray")
+
+
+def _fit_actors(b: Backend, gpus: float) -> int:
+    """How many actors to start: `b.concurrency`, or fewer (with a warning) so that a CPU is
+    left for Ray Data's read tasks. Without one, the actors start, hold every CPU and wait
+    for input that never comes. Counted over the whole cluster's CPUs (and GPUs)."""
+    import ray
+
+    have = ray.cluster_resources()
+    fit = int((have.get("CPU", 0) - 1) // b.cpus_per_actor)
+    if gpus:
+        fit = min(fit, int(have.get("GPU", 0) // gpus))
+    if fit < 1:
+        raise CcdsError(f"the Ray cluster cannot run one actor ({_ask(b, gpus, 1)}) and keep "
+                        f"a CPU for reading the pool: it has {_res(have)}", None,
+                        "join a larger cluster (--address) or lower cpus_per_actor")
+    if fit < b.concurrency:
+        log.warning("ray: running %d of %d actors: the cluster has %s, each actor takes %s "
+                    "and Ray Data's read tasks need a CPU", fit, b.concurrency, _res(have),
+                    _ask(b, gpus, 1))
+    return min(fit, b.concurrency)
+
+
+def _ask(b: Backend, gpus: float, n: int) -> str:
+    return f"{n * b.cpus_per_actor:g} CPU" + (f" + {n * gpus:g} GPU" if gpus else "")
+
+
+def _res(r: dict) -> str:
+    return " + ".join(f"{r.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k == "CPU" or r.get(k))
+
+
+def _batches(ds, stall_s: float, waiting: Callable[[], str]) -> Iterator[dict]:
+    """`ds`'s batches as they come; CcdsError if none comes for `stall_s` seconds, saying
+    what the job waits on (`waiting`). However the loop ends early, `ds`'s execution is
+    stopped, so its actors stop holding the cluster."""
+    got: queue.Queue = queue.Queue()
+    end = object()
+
+    def pull():
+        try:
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                got.put(batch)
+            got.put(end)
+        except BaseException as e:  # noqa: BLE001 (raised in the caller's thread)
+            got.put(e)
+
+    puller = threading.Thread(target=pull, daemon=True, name="ccds-ray-batches")
+    puller.start()
+    finished = False
+    try:
+        while True:
+            try:
+                item = got.get(timeout=stall_s)
+            except queue.Empty:
+                raise CcdsError(f"Ray made no progress for {stall_s:g} s: {waiting()}", None,
+                                "free or add resources (ray status), lower --concurrency, "
+                                "or raise Backend.stall_s if one shard takes longer"
+                                ) from None
+            if item is end:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not finished:
+            _stop(ds)
+            puller.join(timeout=30)
+
+
+def _stop(ds) -> None:
+    """Shut down `ds`'s running execution and its actors. Ray Data has no public call for
+    this (its iterator stops it only when closed, and a blocked iterator cannot be closed
+    from another thread), but its executor is a thread that carries the dataset's id."""
+    for t in threading.enumerate():
+        if getattr(t, "_dataset_id", None) == ds.get_dataset_id() and hasattr(t, "shutdown"):
+            t.shutdown(force=True)
 
 
 def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
@@ -215,15 +351,23 @@ def _ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
         gpus = b.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actors = _fit_actors(b, gpus)
         ds = ray.data.read_parquet(  # a block per shard, so every actor gets work
             [str(f) for f in files]).repartition(len(files)).map_batches(
             _Actor, fn_constructor_args=(p, ctx.runtime.dtype_name, ctx.measure_flops,
                                          int(b.cpus_per_actor)),
             batch_size=b.shard_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=b.concurrency),
-            num_cpus=b.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=b.cpus_per_actor, num_gpus=gpus)  # Ray Data spreads actors by default
+
+        def waiting() -> str:
+            done = sum(out[i].exists() for i in todo)
+            return (f"{actors} actors of {_ask(b, gpus, 1)} each, {done} of {len(todo)} "
+                    f"shards done; the cluster has {_res(ray.cluster_resources())}, "
+                    f"{_res(ray.available_resources())} free")
+
         pending: dict[int, list] = {}  # shard -> [rows, which arrived, metered work]
-        for got in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for got in _batches(ds, b.stall_s, waiting):
             shard = got["row"] // b.shard_size
             for i in np.unique(shard):
                 lo, hi = bounds[i]
