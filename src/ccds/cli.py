@@ -9,11 +9,13 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
 
+from .config import load_config as _config
+from .config import parse_params as _params
 from .errors import CcdsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,45 +28,6 @@ app.add_typer(data_app, name="data")
 
 Opt = typer.Option
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
-
-
-def _params(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise CcdsError(f"bad --param {item!r}", None, "use --param name=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _config(model_cls, path: Path | None, overrides: dict[str, Any]):
-    """A pydantic config from an optional YAML file plus command-line overrides."""
-    import yaml
-    from pydantic import ValidationError
-
-    base: dict[str, Any] = {}
-    if path is not None:
-        from .io import read_text
-
-        try:
-            base = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise CcdsError(f"malformed YAML ({getattr(e, 'problem', e)})", where) from None
-        if not isinstance(base, dict):
-            raise CcdsError("expected a mapping of settings", str(path))
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return model_cls(**base)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(map(str, err["loc"])) or "config"
-        raise CcdsError(f"bad setting '{loc}': {err['msg']}", str(path) if path else None,
-                        f"see `ccds ... --help` for valid {model_cls.__name__} settings") from None
 
 
 def _load_pool(pool: str):

@@ -106,9 +106,9 @@ class SweepConfig(BaseModel):
 
 
 def load_config(path: Path | str) -> SweepConfig:
-    from .cli import _config
+    from .config import load_config
 
-    return _config(SweepConfig, Path(path), {})
+    return load_config(SweepConfig, Path(path))
 
 
 def _data(cfg: SweepConfig):
