@@ -22,7 +22,7 @@ from ccds.train import TrainConfig, train
 
 
 def count_groups(examples) -> dict[str, int]:
-    from ccds.analyse.composition import group
+    from ccds.data.composition import group
 
     return dict(Counter(group(e.source) for e in examples).most_common())
 

@@ -31,9 +31,12 @@ from scipy.stats import spearmanr
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
 from ccds.flops import Meter
 from ccds.io import write_json, write_text
-from ccds.models import pick_runtime
+from ccds.models import causal_lm, pick_runtime
 from ccds.score import Context
-from ccds.score.backend import Backend, SequenceStats, causal_lm, connect, map_pool
+from ccds.score.backend import map_pool
+from ccds.score.base import Backend
+from ccds.score.on_ray import connect
+from ccds.score.ppl import SequenceStats
 
 CONFIGS = {  # name -> backend settings (None: local, all cores)
     "local": None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _runs import Runner
 
-from ccds.analyse.composition import composition, plot_composition
+from ccds.data.composition import composition, plot_composition
 from ccds.data.formats import load_examples, write_examples
 from ccds.data.pool import build_pool
 from ccds.data.sources import load_target

@@ -35,10 +35,10 @@ from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
 from ccds.flops import Ledger, encoded_work, forward_flops, lora_step_flops
 from ccds.io import write_json, write_text
 from ccds.lm import response_nll, score_sequences
-from ccds.models import load_causal_lm, param_counts, pick_runtime
+from ccds.models import add_lora, load_causal_lm, param_counts, pick_runtime
 from ccds.score.less import LESS, lora_names, per_example_grads
 from ccds.tokenize import collate, encode
-from ccds.train import TrainConfig, add_lora, train
+from ccds.train import TrainConfig, train
 
 
 def real_pool(n: int, seed: int = 0):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ccds.analyse.fit import bootstrap_note, lam_text
-from ccds.analyse.runs import run_label
+from ccds.analyse.render import run_label
 from ccds.io import read_json, write_text
 from ccds.plan import paper_prior
 

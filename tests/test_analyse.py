@@ -16,7 +16,7 @@ from ccds.analyse.frontier import (
     joins_frontier,
     overlap,
 )
-from ccds.analyse.runs import unsaturated
+from ccds.analyse.render import unsaturated
 from ccds.errors import CcdsError
 
 

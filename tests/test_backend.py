@@ -12,9 +12,10 @@ import torch
 
 from ccds.data.synth import generate
 from ccds.flops import Meter
-from ccds.models import load_causal_lm, pick_runtime
-from ccds.score.backend import Backend, SequenceStats, causal_lm
-from ccds.train import TrainConfig, add_lora
+from ccds.models import add_lora, causal_lm, load_causal_lm, pick_runtime
+from ccds.score.base import Backend
+from ccds.score.ppl import SequenceStats
+from ccds.train import TrainConfig
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

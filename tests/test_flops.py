@@ -16,9 +16,9 @@ from ccds.flops import (
     paper_flops,
 )
 from ccds.lm import response_nll
-from ccds.models import param_counts
+from ccds.models import add_lora, param_counts
 from ccds.tokenize import Batch, collate, encode
-from ccds.train import TrainConfig, add_lora
+from ccds.train import TrainConfig
 
 
 def _batch(tok, n=4, words=40):

@@ -6,7 +6,7 @@ import torch
 
 from ccds import Example
 from ccds.lm import response_nll
-from ccds.models import pick_runtime
+from ccds.models import add_lora, pick_runtime
 from ccds.score import get_method, run
 from ccds.score.less import (
     RademacherProjection,
@@ -15,7 +15,7 @@ from ccds.score.less import (
     per_example_grads,
 )
 from ccds.tokenize import collate, encode
-from ccds.train import TrainConfig, add_lora
+from ccds.train import TrainConfig
 
 
 @pytest.fixture()

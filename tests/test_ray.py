@@ -24,9 +24,11 @@ ray = pytest.importorskip("ray")
 
 from ccds.data.synth import generate  # noqa: E402
 from ccds.flops import Meter  # noqa: E402
-from ccds.models import pick_runtime  # noqa: E402
+from ccds.models import causal_lm, pick_runtime  # noqa: E402
 from ccds.score import Context, get_method  # noqa: E402
-from ccds.score.backend import Backend, SequenceStats, causal_lm, map_pool  # noqa: E402
+from ccds.score.backend import map_pool  # noqa: E402
+from ccds.score.base import Backend  # noqa: E402
+from ccds.score.ppl import SequenceStats  # noqa: E402
 from ccds.select import select  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -56,7 +56,8 @@ def test_impossible_and_stalled_jobs_say_why(pool, tmp_path):
         from ccds.flops import Meter
         from ccds.models import pick_runtime
         from ccds.score import Context, get_method
-        from ccds.score.backend import Backend, connect
+        from ccds.score.base import Backend
+        from ccds.score.on_ray import connect
 
         connect(None)
         pool = load_examples({str(pool)!r})

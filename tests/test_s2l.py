@@ -208,7 +208,7 @@ def test_composition_and_purity(tmp_path):
     from test_cli import ccds
 
     from ccds import Example
-    from ccds.analyse.composition import cluster_purity, composition, group
+    from ccds.data.composition import cluster_purity, composition, group
     from ccds.data.formats import write_examples
 
     assert group("bigbench/arithmetic/3_digit") == "bigbench"

@@ -180,7 +180,7 @@ def test_same_selection_across_runs_and_batch_sizes(tiny_model_dir, synth):
     can swap: the selections overlap almost entirely."""
     from ccds.models import pick_runtime
     from ccds.score import Context
-    from ccds.score.backend import Backend
+    from ccds.score.base import Backend
 
     pool, targets = synth
     pool, target = pool[:300], targets[0]

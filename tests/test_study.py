@@ -80,3 +80,27 @@ def test_study_intervals_do_not_move_with_the_last_bits():
             assert a[m].bootstrap == b[m].bootstrap, (target, m)
             assert_close(a[m].lam, b[m].lam, f"{target}/{m}", rtol=1e-5)
             assert_close(a[m].intervals, b[m].intervals, f"{target}/{m}", rtol=1e-5)
+
+
+def test_committed_study_resumes_without_recomputing(shared_data, tmp_path):
+    """Every run of experiments/study.yaml is found in the committed store under the key the
+    code computes today (and every zero-shot under its key): `ccds sweep run` on it would
+    recompute nothing, so refactoring the sweep has not orphaned a stored study."""
+    from ccds.models import pick_runtime, resolve
+    from ccds.score.base import examples_hash
+    from ccds.sweep import _data, _Model, _run_key, _zero_shot_key
+
+    cfg = load_config(ROOT / "experiments" / "study.yaml").model_copy(update={"out": tmp_path})
+    pool, targets = _data(cfg)  # the pool is built again from the shared data, as it was
+    store = Store(ROOT / "study" / "runs.sqlite")
+    name = cfg.models[0]
+    rt = pick_runtime(cfg.train.device, cfg.train.dtype)  # bf16, pinned by the study
+    m = _Model(name=name, model=None, tok=None, rt=rt, fingerprint=resolve(name).fingerprint,
+               train=cfg.train.model_copy(update={"model": name, "dtype": rt.dtype_name}))
+    keys = {_run_key(m, cfg=cfg, pool_hash=examples_hash(pool), target=t, spec=s, seed=seed,
+                     fraction=f)
+            for t in targets for s in cfg.methods for seed in s.seeds for f in cfg.fractions}
+    assert len(keys) == 144 and all(store.has(k) for k in keys)
+    meta = store.meta()
+    for t in targets:
+        assert meta[f"zero_shot/{t.name}/{name}"]["key"] == _zero_shot_key(m, target=t, cfg=cfg)

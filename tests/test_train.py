@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from ccds import CcdsError, Example
 from ccds.flops import Ledger
-from ccds.train import TrainConfig, load_adapter, lr_lambda, plan_steps, train
+from ccds.models import load_adapter
+from ccds.train import TrainConfig, lr_lambda, plan_steps, train
 
 
 def _examples(n=48):

@@ -4,15 +4,15 @@ import os as _os
 
 # oneDNN (torch's bf16 CPU matmuls) keeps a compiled kernel per GEMM shape in two caches of
 # 1024 entries each, a few hundred KB per entry. Batches of variable length make new shapes
-# all the time, so with the defaults a scoring pass's memory climbs for ~100k examples before
-# it levels off (benchmarks/memory.py). 64 entries hold every shape of a LoRA training step
-# (about 20); rebuilding a kernel costs about a millisecond, against seconds per batch. Read
-# at the first bf16 matmul; a value the user set wins.
+# all the time, so with the defaults a scoring pass's memory climbs for a long while before
+# it levels off (benchmarks/memory.py). 64 entries hold every shape of a LoRA training step;
+# rebuilding a kernel is cheap next to a batch. Read at the first bf16 matmul; a value the
+# user set wins.
 for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     _os.environ.setdefault(_var, "64")
 # MKL (torch's fp32 CPU matmuls) may sum in a different order from run to run unless its
 # conditional-numerical-reproducibility mode is on; AUTO keeps the fastest code path for
-# this CPU (fp32 matmul peak 330 GFLOP/s either way) and makes a resumed training end
+# this CPU (fp32 matmuls measured no slower with it) and makes a resumed training end
 # bit-identical to an uninterrupted one (a CI run once saw the last bits differ without it).
 _os.environ.setdefault("MKL_CBWR", "AUTO")
 

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import typer
 
-from .config import load_config as _config
-from .config import parse_params as _params
 from .errors import CcdsError
+from .io import load_config as _config
+from .io import parse_params as _params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compute-constrained data selection: score a pool against a target, "
@@ -117,7 +116,7 @@ def data_stats(pool: Annotated[str, typer.Argument(help="pool file, folder or hu
 # -- score / select / cost ----------------------------------------------------------------
 
 # The registered selection methods (ccds.score.REGISTRY), named here because importing the
-# methods imports torch, which would make every --help take a second; a test keeps them equal.
+# methods imports torch, which would make every --help slow; a test keeps them equal.
 METHODS = ("random", "bm25", "embed", "ppl", "less", "cascade", "s2l", "least_confidence",
            "mid_ppl", "learnability", "facility_location", "curriculum")
 MethodOpt = Annotated[str, Opt(help=f"selection method: {', '.join(METHODS)}")]
@@ -132,7 +131,7 @@ def data_compare(
         depth: Annotated[int, Opt(min=1, help="source levels: 1 = dataset, 2 = task")] = 1,
         top: Annotated[int, Opt(min=1, help="groups shown; the rest are 'other'")] = 12):
     """Source composition of selected subsets against the pool (a table and a plot)."""
-    from .analyse.composition import composition, plot_composition
+    from .data.composition import composition, plot_composition
     from .io import write_json
 
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -173,7 +172,7 @@ ActorsOpt = Annotated[int, Opt(help="Ray actors, each with its own model")]
 
 
 def _backend(kind: str, address: str | None, shard_size: int, concurrency: int):
-    from .score.backend import Backend
+    from .score.base import Backend
 
     return _config(Backend, None, dict(kind=kind, address=address, shard_size=shard_size,
                                        concurrency=concurrency))
@@ -220,8 +219,10 @@ def select_cmd(
         fmt: Annotated[Literal["jsonl", "parquet", "hf"] | None, Opt("--format")] = None):
     """Score the pool with a method (or read scores) and write the selected subset."""
     from .data.formats import write_examples
-    from .score import REGISTRY, get_method, read_scores
+    from .score import REGISTRY, Context, get_method
+    from .score.base import scores_for
     from .select import select
+    from .train import TrainConfig, training_cost
 
     if sum(x is not None for x in (fraction, count, tokens, flops)) != 1:
         raise CcdsError("give exactly one of --fraction, --count, --tokens or --flops")
@@ -229,46 +230,20 @@ def select_cmd(
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
     if scores is not None:
         examples = _load_pool(pool)
-        sc = read_scores(scores)
-        if sc is None:
-            raise CcdsError("not a scores file from `ccds score`" if scores.is_file() else
-                            "no such scores file", str(scores), "give the .parquet that "
-                                                                "ccds score wrote")
-        if method not in (None, sc.method):
-            raise CcdsError(f"these are {sc.method} scores, not {method}", str(scores),
-                            "drop --method or score with it")
-        if sc.ids != [e.id for e in examples]:
-            raise CcdsError("scores file does not match the pool (ids differ)",
-                            str(scores), "re-run ccds score on this pool")
-        if np.isnan(sc.values).any():
-            raise CcdsError(f"{int(np.isnan(sc.values).sum())} NaN scores", str(scores),
-                            "re-score the pool; check those examples for empty text")
+        sc = scores_for(scores, examples, method)
         # the method itself, for its training order (a curriculum's); none for scores that
         # another program wrote under its own name
         m = (get_method(sc.method, **{"seed": seed, **_params(param)})
              if sc.method in REGISTRY else None)
     else:
         examples, sc, m = _score(pool, method or "random", target, param, seed)
-    lengths, per_token = None, None
-    if tokens is not None or flops is not None:
-        from transformers import AutoTokenizer
-
-        from .flops import Work, lora_step_flops
-        from .models import counts_without_weights, resolve
-        from .tokenize import encode
-        from .train import TrainConfig
-
-        tok = AutoTokenizer.from_pretrained(resolve(model).path)
-        lengths = encode(examples, tok).lengths
-        one = Work()
-        one.add([1], 1, 1)  # one token, attention aside: the marginal cost of training on it
-        per_token = lora_step_flops(counts_without_weights(model, TrainConfig(model=model)), one)
-    idx = select(sc.values, fraction=fraction, count=count, tokens=tokens, lengths=lengths,
-                 flops=flops, flops_per_token=per_token,
+    cost = (training_cost(examples, TrainConfig(model=model))
+            if tokens is not None or flops is not None else None)
+    idx = select(sc.values, fraction=fraction, count=count, tokens=tokens,
+                 lengths=cost.lengths if cost else None, flops=flops,
+                 flops_per_token=cost.per_token if cost else None,
                  selection_flops=sc.stage.analytic_flops)
     if m is not None and m.order == "given":
-        from .score import Context
-
         idx = m.train_order(examples, idx, Context())
     write_examples([examples[i] for i in idx], out, fmt)
     typer.echo(f"{sc.method}: selected {len(idx)} of {len(examples)} -> {out} "
@@ -289,13 +264,10 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
     """Price selection and training in FLOPs without running anything."""
     from rich.console import Console
     from rich.table import Table
-    from transformers import AutoTokenizer
 
-    from .flops import encoded_work, lora_step_flops, paper_flops
-    from .models import counts_without_weights, resolve
-    from .score import REGISTRY, get_method
-    from .tokenize import encode
-    from .train import TrainConfig
+    from .score import REGISTRY
+    from .score.base import selection_costs
+    from .train import TrainConfig, training_cost
 
     try:
         fr = [float(x) for x in fractions.split(",") if x.strip()]
@@ -308,25 +280,16 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
         raise CcdsError(f"--epochs {epochs} must be positive")
     examples = _load_pool(pool)
     tgt = _load_target(target) if target else None
-    tok = AutoTokenizer.from_pretrained(resolve(train_model).path)
-    counts = counts_without_weights(train_model, TrainConfig(model=train_model))
-    work = encoded_work(encode(examples, tok), suffix=True)
-    full = lora_step_flops(counts, work) * epochs
-    full_paper = paper_flops(counts, work.tokens, training=True) * epochs
-    table = Table(title=f"FLOPs for {len(examples):,} examples ({work.tokens:,} tokens); "
+    full = training_cost(examples, TrainConfig(model=train_model, epochs=epochs))
+    table = Table(title=f"FLOPs for {len(examples):,} examples ({full.tokens:,} tokens); "
                         f"training {train_model} with LoRA, {epochs:g} epoch(s)")
     table.add_column("stage")
     table.add_column("FLOPs (ccds)", justify="right")
     table.add_column("FLOPs (paper 6·N·T)", justify="right")
     for f in fr:
-        table.add_row(f"train on {f:.1%}", f"{full * f:.3e}", f"{full_paper * f:.3e}")
-    names = method or sorted(REGISTRY)
-    for name in names:
-        m = get_method(name)
-        if m.needs_target and tgt is None:
-            table.add_row(f"select: {name}", "needs --target", "")
-            continue
-        table.add_row(f"select: {name}", f"{m.cost(examples, tgt):.3e}", "")
+        table.add_row(f"train on {f:.1%}", f"{full.analytic * f:.3e}", f"{full.paper * f:.3e}")
+    for name, c in selection_costs(method or sorted(REGISTRY), examples, tgt).items():
+        table.add_row(f"select: {name}", "needs --target" if c is None else f"{c:.3e}", "")
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
@@ -354,7 +317,8 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
                               Opt(help="measured: P0 = the sweep's zero-shot run")]
                 = "measured"):
     """Fit P(C) per method, draw frontiers, find break-even ratios, write the report."""
-    from .analyse.runs import analyze, run_label
+    from .analyse.render import run_label
+    from .analyse.runs import analyze
 
     out = out or runs / "report"
     report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0)
@@ -386,7 +350,12 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
     c_full_k = 6.0
     defaults: dict = {}
     if pilot is not None:
-        fits, defaults = _pilot(pilot)
+        from .sweep import SweepConfig, run_pilot
+
+        p = run_pilot(_config(SweepConfig, pilot), log=typer.echo)
+        fits, defaults = p.fits, {"--train-model": p.train_params,
+                                  "--selection-model": p.selection_params,
+                                  "--pool-tokens": p.pool_tokens}
     missing = [n for n, v in (("--train-model", train_model), ("--selection-model",
                selection_model), ("--pool-tokens", pool_tokens)) if v is None
                and n not in defaults]
@@ -414,24 +383,6 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
         typer.echo(f"{m:<18}ruled out: {why}")
     typer.echo("")
     typer.echo(explain(options, out, budget, c_full_k * n_train * n_tokens, tasks, source))
-
-
-def _pilot(config: Path) -> tuple[Path, dict]:
-    """Run a sweep's two smallest fractions into OUT/pilot, fit them with shared P̄ and P0
-    (one rate per method), and return the fits and the sweep's own sizes as defaults."""
-    from .analyse.runs import analyze
-    from .store import Store
-    from .sweep import SweepConfig, run_sweep
-
-    cfg = _config(SweepConfig, config, {})
-    cfg = cfg.model_copy(update={"fractions": sorted(cfg.fractions)[:2],
-                                 "out": cfg.out / "pilot"})
-    run_sweep(cfg, log=typer.echo)
-    analyze(cfg.out, cfg.out / "report", share="pbar_p0", bootstrap=100)
-    meta = Store(cfg.out / "runs.sqlite").meta()[f"c_full/{cfg.models[0]}"]
-    n = float(meta["params"]["non_embedding"])
-    return cfg.out / "report" / "fits.json", {"--train-model": n, "--selection-model": n,
-                                             "--pool-tokens": float(meta["pool_tokens"])}
 
 
 # -- train / eval --------------------------------------------------------------------------
@@ -489,8 +440,7 @@ def eval_cmd(
     from .evaluate import EvalConfig, evaluate
     from .flops import Ledger
     from .io import write_json
-    from .models import load_causal_lm, pick_runtime
-    from .train import load_adapter
+    from .models import load_adapter, load_causal_lm, pick_runtime
 
     targets = [_load_target(t) for t in target]
     rt = pick_runtime("auto", dtype)

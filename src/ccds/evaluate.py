@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data.types import Example, Target
 from .flops import Ledger, Meter
+from .io import bar
 from .lm import option_logprobs, plain_head, score_sequences
 from .models import Runtime, param_counts
-from .progress import bar
 from .tokenize import Encoded, Formatter, encode_pairs, length_batches
 
 
@@ -145,7 +145,7 @@ def generate(model, tokenizer, prompts: Sequence[str], runtime: Runtime, *,
 
     Batches are as wide as `batch` allows whatever the prompt lengths: a decoding step
     costs about the same for 2 rows as for 64 (it is bound by reading the weights), so
-    prompt padding is cheap and narrow batches are not (narrow batches made it ~7x slower).
+    prompt padding is cheap and narrow batches, which pay that read per few rows, are not.
     """
     fmt = Formatter(tokenizer, shots)
     texts = [fmt.render(p, "")[0] for p in prompts]

@@ -1,4 +1,7 @@
-"""File helpers: atomic writes, strict JSON/JSONL reading, content hashes.
+"""What ccds reads and writes: atomic files and folders, strict JSON/JSONL, content
+hashes, locks, typed settings from YAML files (one `load_config` for the CLI and
+`sweep.load_config`, so a bad setting reads the same wherever it comes from), and progress
+bars on the terminal (tqdm on stderr; silent when stderr is not a terminal).
 
 Every output ccds writes goes through `atomic_path`/`atomic_dir`, so a crash leaves either
 the old file or the new one, never half of one.
@@ -17,11 +20,14 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import CcdsError
+
+if TYPE_CHECKING:  # pydantic loads only where settings are read
+    from pydantic import BaseModel
 
 
 @contextlib.contextmanager
@@ -332,3 +338,80 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# -- typed settings from YAML files and the command line ----------------------------------
+
+M = TypeVar("M", bound="BaseModel")
+
+
+def load_config(model_cls: type[M], path: Path | None = None,
+                overrides: dict[str, Any] | None = None) -> M:
+    """`model_cls` from an optional YAML file, with `overrides` (None values ignored) on top.
+    A malformed file or a bad setting is a CcdsError naming the file, line and setting."""
+    import yaml
+    from pydantic import ValidationError
+
+    base: dict[str, Any] = {}
+    if path is not None:
+        try:
+            base = yaml.safe_load(read_text(path)) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise CcdsError(f"malformed YAML ({getattr(e, 'problem', e)})", where) from None
+        if not isinstance(base, dict):
+            raise CcdsError("expected a mapping of settings", str(path))
+    base.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model_cls(**base)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(map(str, err["loc"])) or "config"
+        raise CcdsError(f"bad setting '{loc}': {err['msg']}", str(path) if path else None,
+                        f"see `ccds ... --help` for valid {model_cls.__name__} settings") from None
+
+
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
+    """`name=value` strings (values read as YAML: 3, 0.5, true, [a, b]) as a dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CcdsError(f"bad {flag} {item!r}", None, f"use {flag} name=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+# -- progress on the terminal -------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix_str(self, s: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def bar(total: int | None, desc: str | None, unit: str = "it") -> Any:
+    """A tqdm bar when `desc` is set and stderr is a terminal (or CCDS_PROGRESS=1)."""
+    show = desc is not None and (sys.stderr.isatty() or os.environ.get("CCDS_PROGRESS") == "1")
+    if not show:
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def track(items: Iterable[T], desc: str | None, total: int | None = None) -> Iterator[T]:
+    n = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    b = bar(n, desc)
+    try:
+        for x in items:
+            yield x
+            b.update()
+    finally:
+        b.close()

@@ -89,7 +89,7 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
                     meter=None) -> dict[str, np.ndarray]:
     """Per-sequence response statistics in input order: NLL sum, token count, and the sum
     of token probabilities (least-confidence scoring needs the mean probability)."""
-    from .progress import track
+    from .io import track
 
     n = len(enc)
     nll = np.zeros(n, dtype=np.float64)
@@ -114,7 +114,7 @@ def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *, max_token
                 progress: str | None = None, meter=None) -> np.ndarray:
     """[N, d] float32: the decoder's last hidden state averaged over each sequence's real
     tokens (no LM head), in input order — a model's own embedding of an example."""
-    from .progress import track
+    from .io import track
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = np.zeros((len(enc), base.config.hidden_size), dtype=np.float32)
@@ -137,7 +137,7 @@ def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: i
     """For rows that score exactly one response token: the log-probability of each candidate
     token at that position. Multiple choice with one-token options (MMLU's letters) then
     costs one forward per question instead of one per option. Needs a plain LM head."""
-    from .progress import track
+    from .io import track
 
     base = plain_head(model)
     assert base is not None, "option_logprobs needs a plain LM head"

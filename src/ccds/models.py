@@ -1,8 +1,9 @@
-"""Model resolution and loading: embedded aliases, hub ids, local dirs; device and dtype.
+"""Models: where they are (embedded aliases, hub ids, local dirs), how they load, on what
+device and precision they run, how many parameters they have, and their LoRA adapters.
 
-The embedded SmolLM2 ships as a quantised GGUF. Transformers can dequantise it, but that
-takes ~35 s on 2 cores, so the first load writes the dequantised weights once as a plain
-safetensors checkpoint into the ccds cache; later loads take under a second.
+The embedded SmolLM2 ships as a quantised GGUF. Transformers can dequantise it, but slowly,
+so the first load writes the dequantised weights once as a plain safetensors checkpoint
+into the ccds cache; later loads read that.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -41,6 +43,8 @@ class ModelRef:
     fingerprint: str  # content hash (local/embedded) or id@revision (hub)
 
 
+# -- where and in what precision a model runs ---------------------------------------------
+
 @dataclass(frozen=True)
 class Runtime:
     """Device and numeric precision for a run: matmuls autocast; weights being trained stay
@@ -56,10 +60,9 @@ class Runtime:
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move `model` to the device and, under autocast, store its frozen weights in the
-        autocast dtype. Autocast would otherwise re-cast every fp32 weight at every call
-        (13% of a CPU scoring pass) and the residual stream would stay fp32; with them
-        cast, scoring runs 1.3x faster in half the memory. Trainable weights (LoRA, full
-        fine-tuning) keep fp32 masters."""
+        autocast dtype. Autocast would otherwise re-cast every fp32 weight at every call and
+        the residual stream would stay fp32; cast once, scoring is faster in half the
+        memory. Trainable weights (LoRA, full fine-tuning) keep fp32 masters."""
         model.to(self.device)
         if self.autocast is not None:
             for p in model.parameters():
@@ -83,8 +86,7 @@ def cache_dir() -> Path:
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX).
 
-    Without it oneDNN emulates bf16 and matmuls run ~4x slower than fp32 (measured on an
-    AVX512 Xeon without the bf16 extension: 216 vs 55 GFLOP/s), so autocast would hurt.
+    Without it oneDNN emulates bf16, several times slower than fp32, so autocast would hurt.
     """
     return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
@@ -105,9 +107,9 @@ def cpu_prefers_bf16() -> bool:
     """Whether bf16 autocast pays on this CPU: native bf16 AND a bf16 matmul at least 1.25x
     the fp32 one, measured once and cached per (CPU, torch, threads).
 
-    Flags alone mislead: with AMX bf16 ran 2.5x faster than fp32 (418 vs 170 GFLOP/s), but
-    an AVX512-BF16 CPU without AMX ran it 2x slower (168 vs 330). The cache keeps `auto`
-    the same choice on a machine from run to run (a re-measure could flip a close call)."""
+    Flags alone mislead: with AMX bf16 runs well ahead of fp32, but on CPUs with AVX512-BF16
+    and no AMX it has run behind. The cache keeps `auto` the same choice on a machine from
+    run to run (a re-measure could flip a close call)."""
     if not cpu_has_native_bf16():
         return False
     model, flags = cpu_info()
@@ -166,6 +168,8 @@ def pick_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         raise CcdsError(f"unknown dtype '{dtype}'", None, "use auto, fp32, bf16 or fp16")
     return Runtime(dev, table[dtype])
 
+
+# -- finding and loading models -----------------------------------------------------------
 
 def resolve(name: str) -> ModelRef:
     """Turn an alias, local directory or hub id into a ModelRef (no weights loaded)."""
@@ -283,13 +287,74 @@ def counts_without_weights(name: str, lora=None) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
         if lora is not None:
-            from .train import add_lora
-
             model = add_lora(model, lora)
     return param_counts(model)
 
 
-# -- internals ---------------------------------------------------------------------------
+# -- LoRA adapters ------------------------------------------------------------------------
+
+class LoraSettings(Protocol):
+    """What `add_lora` reads from a config (a `train.TrainConfig` has all of it)."""
+
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    seed: int
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft probes transformers' deprecated `is_gradient_checkpointing`: a warning per
+    adapter, hundreds in a sweep's log, about nothing the user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+        yield
+
+
+def add_lora(model, cfg: LoraSettings):
+    """`model` with LoRA adapters on `cfg.target_modules`, seeded by `cfg.seed`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are random: same seed, same init
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, lcfg)
+    except ValueError as e:
+        raise CcdsError(f"cannot add LoRA ({e})", None,
+                        "set target_modules to the model's projection layer names") from None
+
+
+def save_adapter(path: Path, model) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+
+
+def load_adapter(model, adapter: str | Path):
+    """Attach a saved LoRA adapter (safetensors only) to a base model."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").exists():
+        raise CcdsError("not a LoRA adapter folder (no adapter_config.json)", str(path),
+                        "pass the 'adapter' folder written by ccds train")
+    if not (path / "adapter_model.safetensors").exists():
+        raise CcdsError("adapter weights must be safetensors", str(path),
+                        "re-save the adapter with safe_serialization=True")
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
+
+
+def causal_lm(name: str, lora=None):
+    """(model, tokenizer) of a causal LM, LoRA-wrapped by `lora` (a TrainConfig) if given:
+    the loader a scoring pass rebuilds its model with in another process."""
+    model, tok, _ = load_causal_lm(name)
+    return (add_lora(model, lora) if lora is not None else model), tok
+
+
+# -- internals ----------------------------------------------------------------------------
 
 def _resolve_alias(name: str) -> ModelRef:
     dist_name, marker = ALIASES[name]

@@ -7,21 +7,28 @@ never trusted). Each run trains, evaluates, and is inserted into the run store i
 transaction only when it is finished, under a key that hashes everything that determines it:
 a sweep killed at any moment and started again skips finished runs, redoes the interrupted
 one from scratch, and ends with the same rows as an uninterrupted sweep.
+
+`run_pilot` (`ccds plan --pilot CONFIG`) runs a sweep's two smallest fractions and fits them,
+so a plan can start from measured curves rather than the paper's.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CcdsError
 from .evaluate import EvalConfig
-from .score.backend import Backend
+from .score.base import Backend
 from .train import TrainConfig
+
+if TYPE_CHECKING:
+    from .models import Runtime
 
 
 class MethodSpec(BaseModel):
@@ -106,7 +113,7 @@ class SweepConfig(BaseModel):
 
 
 def load_config(path: Path | str) -> SweepConfig:
-    from .config import load_config
+    from .io import load_config
 
     return load_config(SweepConfig, Path(path))
 
@@ -152,17 +159,25 @@ def perf_of(ev: dict, metric: str) -> float:
     return -ev["nll"] if metric == "nll" or ev.get("primary") is None else float(ev["primary"])
 
 
+@dataclass(frozen=True)
+class _Model:
+    """A training model, loaded once, and what every run on it shares."""
+
+    name: str  # as the config names it: rows and meta entries are filed under it
+    model: Any  # the base model, no adapter attached
+    tok: Any
+    rt: Runtime
+    fingerprint: str  # the weights' identity, part of every key
+    train: TrainConfig  # the sweep's, for this model, at the dtype `auto` resolved to
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> Path:
     """Run every missing run; returns the store's path."""
-    from .evaluate import evaluate
-    from .flops import Ledger, encoded_work, lora_step_flops, paper_flops
+    from .flops import Ledger
     from .io import stable_hash
-    from .models import load_causal_lm, param_counts, pick_runtime
     from .score import Context, get_method, run
-    from .score.base import examples_hash, target_hash
-    from .select import select
+    from .score.base import examples_hash
     from .store import Store
-    from .tokenize import encode
 
     pool, targets = _data(cfg)
     store = Store(cfg.out / "runs.sqlite")
@@ -174,90 +189,153 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     done = 0
     t0 = time.perf_counter()
     for model_name in cfg.models:
-        rt = pick_runtime(cfg.train.device, cfg.train.dtype)
-        # the dtype `auto` resolved to on this machine goes into every key: a sweep resumed
-        # on a machine where `auto` means another dtype must not mix the two in one study
-        tcfg = cfg.train.model_copy(update={"model": model_name, "dtype": rt.dtype_name})
-        model, tok, ref = load_causal_lm(model_name)
-        rt.place(model)
-        enc = encode(pool, tok, tcfg.max_len)
-        work = encoded_work(enc, suffix=True)
-        counts = param_counts(model)
-        from .models import counts_without_weights
-
-        lora = counts_without_weights(model_name, tcfg) if tcfg.lora else counts
-        store.set_meta(f"c_full/{model_name}", {
-            "analytic": lora_step_flops(lora, work) * tcfg.epochs,
-            "paper": paper_flops(counts, work.tokens, training=True) * tcfg.epochs,
-            "pool_tokens": work.tokens, "params": counts})
+        m = _load(cfg, model_name)
+        _record_c_full(store, m, pool=pool)
         for target in targets:
-            _zero_shot(store, model, tok, target, cfg, rt, model_name, ref.fingerprint)
+            _zero_shot(store, m, target=target, cfg=cfg)
         # targets innermost: a target-agnostic method's subset trains once and is evaluated
         # on every target right away, so a restart (even on a fresh machine) redoes at most
         # the subset in flight
-        for spec in cfg.methods:
-            for seed in spec.seeds:
-                method = get_method(spec.name, **{"seed": seed, **spec.params})
-                keys = {(t.name, f): stable_hash(
-                            pool_hash, target_hash(t), examples_hash(t.test), ref.fingerprint,
-                            spec.name, spec.params, seed, f,
-                            tcfg.model_dump(exclude={"device"}), cfg.eval.model_dump(),
-                            cfg.metric)
-                        for t in targets for f in cfg.fractions}
-                todo = {k for k, v in keys.items() if not store.has(v)}
-                done += len(keys) - len(todo)
-                scores = {}  # per target, computed when first needed
-                for f in cfg.fractions:
-                    for target in targets:
-                        if (target.name, f) not in todo:
-                            continue
-                        if target.name not in scores:
-                            scores[target.name] = run(
-                                method, pool, target, ctx=Context(runtime=rt, backend=cfg.backend),
-                                ledger=Ledger(), cache=cfg.out / "scores")
-                        sc = scores[target.name]
-                        idx = select(sc.values, fraction=f)
-                        if method.order == "given":
-                            idx = method.train_order(pool, idx, Context(runtime=rt))
-                        else:  # a set, not a sequence: equal sets train alike
-                            idx = np.sort(idx)
-                        ledger = Ledger()
-                        ledger.add(sc.stage)
-                        trained, tokens = _train_once(
-                            [pool[i] for i in idx], tcfg.model_copy(
-                                update={"seed": seed, "order": method.order}),
-                            model, tok, rt, ledger, cfg.out / "trained" / ref.fingerprint)
-                        ev = evaluate(trained, tok, target, cfg.eval, runtime=rt,
-                                      ledger=ledger, label=spec.tag, progress=None)
-                        model = trained.unload()
-                        tr = ledger.stages[1]
-                        row = {"target": target.name, "model": model_name, "dtype": rt.dtype_name,
-                               "method": spec.tag, "method_name": spec.name,
-                               "params": spec.params, "fraction": f, "seed": seed,
-                               "selection_flops": sc.stage.analytic_flops,
-                               "selection_paper_flops": sc.stage.paper_flops,
-                               "training_flops": tr.analytic_flops,
-                               "training_paper_flops": tr.paper_flops,
-                               "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
-                               "eval": {k: v for k, v in ev.items() if k != "samples"},
-                               "ledger": ledger.to_dict(), "n": len(idx),
-                               "tokens": tokens, "ids": [pool[i].id for i in idx]}
-                        store.add(keys[target.name, f], config_hash, row)
-                        done += 1
-                        log(f"[{done}/{n_runs}] {target.name} {model_name} {spec.tag} "
-                            f"seed {seed} {f:.1%}: P={row['perf']:.4f} "
-                            f"({time.perf_counter() - t0:.0f} s)")
+        for spec, seed in [(s, seed) for s in cfg.methods for seed in s.seeds]:
+            method = get_method(spec.name, **{"seed": seed, **spec.params})
+            keys = {(t.name, f): _run_key(m, cfg=cfg, pool_hash=pool_hash, target=t,
+                                          spec=spec, seed=seed, fraction=f)
+                    for t in targets for f in cfg.fractions}
+            todo = {k for k, v in keys.items() if not store.has(v)}
+            done += len(keys) - len(todo)
+            scores = {}  # per target, computed when first needed
+            for f, target in [(f, t) for f in cfg.fractions for t in targets
+                              if (t.name, f) in todo]:
+                if target.name not in scores:
+                    scores[target.name] = run(
+                        method, pool, target, ctx=Context(runtime=m.rt, backend=cfg.backend),
+                        ledger=Ledger(), cache=cfg.out / "scores")
+                m, perf = _run_one(store, m, cfg=cfg, pool=pool, target=target, spec=spec,
+                                   method=method, seed=seed, fraction=f,
+                                   scores=scores[target.name], key=keys[target.name, f],
+                                   config_hash=config_hash)
+                done += 1
+                log(f"[{done}/{n_runs}] {target.name} {m.name} {spec.tag} "
+                    f"seed {seed} {f:.1%}: P={perf:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
     return store.path
 
 
-def _train_once(examples, tcfg, model, tok, rt, ledger, root: Path):
+@dataclass(frozen=True)
+class Pilot:
+    """A pilot sweep's fits and the sizes it ran at: `ccds plan --pilot` plans from them."""
+
+    fits: Path
+    train_params: float
+    selection_params: float
+    pool_tokens: float
+
+
+def run_pilot(cfg: SweepConfig, log=print) -> Pilot:
+    """Run the sweep's two smallest fractions into OUT/pilot and fit them with shared P̄
+    and P0 (one rate per method): two fractions are too few to fit anything more per
+    method. The sizes are the sweep's own (its first model selects and trains)."""
+    from .analyse.runs import analyze
+    from .store import Store
+
+    cfg = cfg.model_copy(update={"fractions": sorted(cfg.fractions)[:2],
+                                 "out": cfg.out / "pilot"})
+    run_sweep(cfg, log=log)
+    analyze(cfg.out, cfg.out / "report", share="pbar_p0", bootstrap=100)
+    meta = Store(cfg.out / "runs.sqlite").meta()[f"c_full/{cfg.models[0]}"]
+    n = float(meta["params"]["non_embedding"])
+    return Pilot(fits=cfg.out / "report" / "fits.json", train_params=n, selection_params=n,
+                 pool_tokens=float(meta["pool_tokens"]))
+
+
+def _load(cfg: SweepConfig, model_name: str) -> _Model:
+    from .models import load_causal_lm, pick_runtime
+
+    rt = pick_runtime(cfg.train.device, cfg.train.dtype)
+    # the dtype `auto` resolved to on this machine goes into every key: a sweep resumed
+    # on a machine where `auto` means another dtype must not mix the two in one study
+    tcfg = cfg.train.model_copy(update={"model": model_name, "dtype": rt.dtype_name})
+    model, tok, ref = load_causal_lm(model_name)
+    rt.place(model)
+    return _Model(name=model_name, model=model, tok=tok, rt=rt, fingerprint=ref.fingerprint,
+                  train=tcfg)
+
+
+def _record_c_full(store, m: _Model, *, pool) -> None:
+    """The FLOPs of training on the whole pool (analytic and as the paper counts them), with
+    the sizes behind them: the analysis prices every run as a share of it."""
+    from .models import param_counts
+    from .train import training_cost
+
+    cost = training_cost(pool, m.train, tokenizer=m.tok)
+    store.set_meta(f"c_full/{m.name}", {"analytic": cost.analytic, "paper": cost.paper,
+                                        "pool_tokens": cost.tokens,
+                                        "params": param_counts(m.model)})
+
+
+def _run_key(m: _Model, *, cfg: SweepConfig, pool_hash: str, target, spec: MethodSpec,
+             seed: int, fraction: float) -> str:
+    """The store's key for one run: everything that determines its row. Any change here
+    (even the order) makes every stored sweep recompute."""
+    from .io import stable_hash
+    from .score.base import examples_hash, target_hash
+
+    return stable_hash(pool_hash, target_hash(target), examples_hash(target.test),
+                       m.fingerprint, spec.name, spec.params, seed, fraction,
+                       m.train.model_dump(exclude={"device"}), cfg.eval.model_dump(),
+                       cfg.metric)
+
+
+def _run_one(store, m: _Model, *, cfg: SweepConfig, pool, target, spec: MethodSpec, method,
+             seed: int, fraction: float, scores, key: str, config_hash: str
+             ) -> tuple[_Model, float]:
+    """Select `fraction` of the pool by `scores`, train on it, evaluate on `target`, then
+    store the row: one insert once all is done, so a killed run leaves nothing behind.
+    Returns `m` with the adapter taken off again, and the run's P."""
+    from .evaluate import evaluate
+    from .flops import Ledger
+    from .score import Context
+    from .select import select
+
+    idx = select(scores.values, fraction=fraction)
+    if method.order == "given":
+        idx = method.train_order(pool, idx, Context(runtime=m.rt))
+    else:  # a set, not a sequence: equal sets train alike
+        idx = np.sort(idx)
+    ledger = Ledger()
+    ledger.add(scores.stage)
+    trained, tokens = _train_once(
+        m, [pool[i] for i in idx], tcfg=m.train.model_copy(
+            update={"seed": seed, "order": method.order}),
+        ledger=ledger, root=cfg.out / "trained" / m.fingerprint)
+    ev = evaluate(trained, m.tok, target, cfg.eval, runtime=m.rt, ledger=ledger,
+                  label=spec.tag, progress=None)
+    m = replace(m, model=trained.unload())  # peft's unload is not in place
+    tr = ledger.stages[1]
+    row = {"target": target.name, "model": m.name, "dtype": m.rt.dtype_name,
+           "method": spec.tag, "method_name": spec.name,
+           "params": spec.params, "fraction": fraction, "seed": seed,
+           "selection_flops": scores.stage.analytic_flops,
+           "selection_paper_flops": scores.stage.paper_flops,
+           "training_flops": tr.analytic_flops,
+           "training_paper_flops": tr.paper_flops,
+           "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
+           "eval": {k: v for k, v in ev.items() if k != "samples"},
+           "ledger": ledger.to_dict(), "n": len(idx),
+           "tokens": tokens, "ids": [pool[i].id for i in idx]}
+    store.add(key, config_hash, row)
+    return m, row["perf"]
+
+
+def _train_once(m: _Model, examples, *, tcfg: TrainConfig, ledger, root: Path):
     """(LoRA model, tokens trained) for these examples and settings, trained once per sweep:
     a target-agnostic method under every target, or every method at 100%, selects the same
     set, so later rows load the saved adapter. Each row's ledger still charges the training
     as recorded: the FLOPs are the experiment's, the reuse only saves this machine's time."""
     from .flops import Stage
     from .io import read_json, stable_hash, write_json
-    from .train import load_adapter, train
+    from .models import load_adapter
+    from .train import train
 
     out = root / stable_hash([(e.id, e.prompt, e.response) for e in examples],
                              tcfg.model_dump(exclude={"device"}))
@@ -266,31 +344,36 @@ def _train_once(examples, tcfg, model, tok, rt, ledger, root: Path):
         info = read_json(done)
         ledger.add(Stage(**{**info["stage"], "detail": {**info["stage"]["detail"],
                                                        "reused": str(out)}}))
-        return load_adapter(model, out / "adapter"), info["tokens"]
-    res = train(examples, tcfg, model=model, tokenizer=tok, runtime=rt, ledger=ledger,
+        return load_adapter(m.model, out / "adapter"), info["tokens"]
+    res = train(examples, tcfg, model=m.model, tokenizer=m.tok, runtime=m.rt, ledger=ledger,
                 out=out, progress=None)
     write_json(done, {"tokens": res.tokens, "stage": res.stage.to_dict()})
     return res.model, res.tokens
 
 
-def _zero_shot(store, model, tok, target, cfg: SweepConfig, rt, model_name: str,
-               fingerprint: str) -> None:
+def _zero_shot(store, m: _Model, *, target, cfg: SweepConfig) -> None:
     """Evaluate the untrained model once per (target, model): the fit's P0 is this zero-shot
     performance (spec §4), measured rather than extrapolated from the smallest fractions."""
     from .evaluate import evaluate
     from .flops import Ledger
-    from .io import stable_hash
-    from .score.base import examples_hash
 
-    key = stable_hash(examples_hash(target.test), fingerprint, cfg.eval.model_dump(),
-                      cfg.metric, cfg.train.max_len, rt.dtype_name)
-    name = f"zero_shot/{target.name}/{model_name}"
+    key = _zero_shot_key(m, target=target, cfg=cfg)
+    name = f"zero_shot/{target.name}/{m.name}"
     if store.meta().get(name, {}).get("key") == key:
         return
     ledger = Ledger()
-    ev = evaluate(model, tok, target, cfg.eval, runtime=rt, ledger=ledger, label="zero-shot",
-                  progress=None)
+    ev = evaluate(m.model, m.tok, target, cfg.eval, runtime=m.rt, ledger=ledger,
+                  label="zero-shot", progress=None)
     store.set_meta(name, {"key": key, "perf": perf_of(ev, cfg.metric), "metric": cfg.metric,
                           "eval": {k: v for k, v in ev.items() if k != "samples"},
                           "flops": ledger.stages[0].analytic_flops,
                           "wall_s": ledger.stages[0].wall_s})
+
+
+def _zero_shot_key(m: _Model, *, target, cfg: SweepConfig) -> str:
+    """What a zero-shot evaluation depends on; like `_run_key`, any change re-evaluates."""
+    from .io import stable_hash
+    from .score.base import examples_hash
+
+    return stable_hash(examples_hash(target.test), m.fingerprint, cfg.eval.model_dump(),
+                       cfg.metric, cfg.train.max_len, m.rt.dtype_name)

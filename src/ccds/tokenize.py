@@ -1,8 +1,8 @@
 """Examples -> token ids with a response mask, and length-sorted batches.
 
 Loss is only ever taken on response tokens. A chat template is used when the tokenizer has
-one (the template is rendered once around placeholders, then filled per example, which is
-~100x faster than rendering Jinja per example and checked against it); otherwise plain
+one (the template is rendered once around placeholders, then filled per example, which
+skips a Jinja render per example and is checked against one); otherwise plain
 `prompt\\n response<eos>`. Batches are left-padded and grouped by length so padding costs
 little, and so every row's response ends at the last position (see `lm.response_nll`).
 """

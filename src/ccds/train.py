@@ -29,10 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data.types import Example
 from .errors import CcdsError
 from .flops import Ledger, Meter, Stage
-from .io import atomic_dir, stable_hash, write_json
+from .io import atomic_dir, bar, stable_hash, write_json
 from .lm import response_nll
-from .models import Runtime, load_causal_lm, param_counts, pick_runtime
-from .progress import bar
+from .models import Runtime, add_lora, load_causal_lm, param_counts, pick_runtime, save_adapter
 from .tokenize import Encoded, collate, encode, length_batches, ordered_batches
 
 
@@ -46,8 +45,9 @@ class TrainConfig(BaseModel):
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(
-        0.0, ge=0, lt=1, description="0: a dropout mask per LoRA module costs ~25% of a CPU "
-        "training step; for 1-3 epochs over a selected subset it buys little")
+        0.0, ge=0, lt=1, description="0: dropout makes a masked copy of every LoRA "
+        "module's input each training step; for 1-3 epochs over a selected subset it buys "
+        "little")
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -81,29 +81,6 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     encoding: dict = field(default_factory=dict)
     stage: Stage | None = None
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """peft probes transformers' deprecated `is_gradient_checkpointing`: a warning per
-    adapter, hundreds in a sweep's log, about nothing the user can change."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
-        yield
-
-
-def add_lora(model, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are random: same seed, same init
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    try:
-        with _quiet_peft():
-            return get_peft_model(model, lcfg)
-    except ValueError as e:
-        raise CcdsError(f"cannot add LoRA ({e})", None,
-                        "set target_modules to the model's projection layer names") from None
 
 
 def plan_steps(enc: Encoded, cfg: TrainConfig) -> list[list[np.ndarray]]:
@@ -284,11 +261,6 @@ def _sum(acc, x: float) -> float:
     return float(acc.reduce(t, reduction="sum").item())
 
 
-def save_adapter(path: Path, model) -> None:
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-
-
 def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer | None,
                     named: list[tuple[str, torch.nn.Parameter]], state: dict) -> Path:
     """Adapter + AdamW moments (exp_avg, exp_avg_sq by parameter name) + JSON state."""
@@ -348,16 +320,34 @@ def _resume(out: Path, run_key: str, model, opt, sched, named):
     return state, t[RNG_KEY]
 
 
-def load_adapter(model, adapter: str | Path):
-    """Attach a saved LoRA adapter (safetensors only) to a base model."""
-    from peft import PeftModel
+@dataclass(frozen=True)
+class TrainingCost:
+    """What training on a pool costs before anything is loaded: the sweep's C_full, the
+    `ccds cost` table and `ccds select --tokens/--flops` all read it from here."""
 
-    path = Path(adapter)
-    if not (path / "adapter_config.json").exists():
-        raise CcdsError("not a LoRA adapter folder (no adapter_config.json)", str(path),
-                        "pass the 'adapter' folder written by ccds train")
-    if not (path / "adapter_model.safetensors").exists():
-        raise CcdsError("adapter weights must be safetensors", str(path),
-                        "re-save the adapter with safe_serialization=True")
-    with _quiet_peft():
-        return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
+    analytic: float  # every example for cfg.epochs, ccds convention
+    paper: float  # 6·N·T for cfg.epochs (N active non-embedding parameters)
+    tokens: int  # training tokens in the pool, as truncated to cfg.max_len
+    per_token: float  # analytic FLOPs of one more training token, attention aside
+    lengths: np.ndarray  # tokens per example, for token budgets
+
+
+def training_cost(examples: Sequence[Example], cfg: TrainConfig, tokenizer=None) -> TrainingCost:
+    """Price `cfg`'s training on `examples` from the model's config (no weights loaded; the
+    tokenizer is loaded unless given)."""
+    from .flops import Work, encoded_work, lora_step_flops, paper_flops
+    from .models import counts_without_weights, resolve
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model).path)
+    counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
+    enc = encode(examples, tokenizer, cfg.max_len)
+    work = encoded_work(enc, suffix=True)
+    one = Work()
+    one.add([1], 1, 1)  # one token, attention aside: the marginal cost of training on it
+    return TrainingCost(analytic=lora_step_flops(counts, work) * cfg.epochs,
+                        paper=paper_flops(counts, work.tokens, training=True) * cfg.epochs,
+                        tokens=work.tokens, per_token=lora_step_flops(counts, one),
+                        lengths=enc.lengths)

@@ -4,6 +4,10 @@ A method turns (pool, target) into one score per pool example — higher means "
 first" — and can price that work before doing it (`cost`), so a planner can compare methods
 without running them. `run` does the bookkeeping once for all methods: cache lookup keyed by
 content hashes, the FLOPs/time/memory meter, and an atomic write of the scores.
+
+The part of a method that grows with the pool is a `Pass`: a small picklable object that
+loads its model once per process (`setup`) and maps examples to rows. `backend.map_pool`
+runs it where `Context.backend` says (here, or on Ray); nothing in this module knows which.
 """
 
 from __future__ import annotations
@@ -11,19 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.types import Example, Target
 from ..errors import CcdsError
 from ..flops import Ledger, Meter, Stage
 from ..models import Runtime, cache_dir, pick_runtime
-from .backend import Backend
 
 REGISTRY: dict[str, type[Method]] = {}
 Reduce = Literal["mean", "max"]  # how per-subtask scores combine (`aggregate_subtasks`)
@@ -34,6 +38,28 @@ class Params(BaseModel):
     # how to run, not what to compute: left out of the cache key
     execution: ClassVar[frozenset[str]] = frozenset()
     seed: int = Field(0, ge=0)
+
+
+class Backend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["local", "ray"] = "local"
+    chunk: int = Field(4096, ge=1, description="local: pool rows tokenized and scored at a "
+                       "time, so memory does not grow with the pool")
+    address: str | None = Field(None, description="Ray address ('auto', 'host:port', "
+                                "'ray://host:10001'); none starts Ray on this machine")
+    shard_size: int = Field(1024, ge=1, description="pool rows per shard: the unit of "
+                            "resume and of one actor call")
+    concurrency: int = Field(1, ge=1, description="actors, each with its own model loaded; "
+                             "fewer (with a warning) if the cluster cannot also spare a CPU "
+                             "for Ray Data's read tasks")
+    cpus_per_actor: float = Field(1, gt=0, description="also its torch threads")
+    gpus_per_actor: float | None = Field(None, ge=0,
+                                         description="none: 1 when the cluster has GPUs")
+    work: Path | None = Field(None, description="shard files; shared storage on a multi-node "
+                              "cluster (default: the ccds cache)")
+    stall_s: float = Field(1800, gt=0, description="give up when no shard has come back for "
+                           "this long (actors waiting for resources wait forever); more than "
+                           "a model load plus one shard's scoring")
 
 
 @dataclass
@@ -50,7 +76,7 @@ class Method(ABC):
     """Score a pool against a target. Subclasses set `name`, `Params`, `cost`, `score`."""
 
     name: ClassVar[str]
-    needs_target: ClassVar[bool] = True
+    needs_target: bool = True  # a property where the parameters decide it (ppl, cascade)
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, **params):
@@ -111,6 +137,73 @@ class Method(ABC):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()[:20]
+
+
+class Pass(ABC):
+    """A per-example computation that can run in another process."""
+
+    def setup(self, runtime: Runtime) -> None:  # noqa: B027 (most passes load a model)
+        """Load what the pass needs (once per process)."""
+
+    @abstractmethod
+    def __call__(self, examples: Sequence[Example], runtime: Runtime, meter: Meter,
+                 progress: str | None = None) -> np.ndarray:
+        """[len(examples), ...] float rows, in the order given; report work to `meter`."""
+
+
+class ModelPass(Pass):
+    """A pass over a causal LM that may already be loaded (and trained) in this process.
+
+    Locally the live model is used as it is. Pickled for another process, the pass carries
+    its loader and the trained weights as safetensors bytes (LoRA adapter, or every weight),
+    never the module, and `setup` rebuilds the model there.
+    """
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], model=None, tok=None, *,
+                 lora: bool = False):
+        self.load, self.model, self.tok, self.lora = load, model, tok, lora
+        self.weights: bytes | None = None
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        if self.model is not None:
+            d["weights"] = _weights_bytes(self.model, self.lora)
+        d["model"] = d["tok"] = None
+        return d
+
+    def setup(self, runtime: Runtime) -> None:
+        if self.model is None:
+            self.model, self.tok = self.load()
+            if self.weights is not None:
+                from safetensors.torch import load
+
+                apply_weights(self.model, load(self.weights), self.lora)
+        runtime.place(self.model)
+
+
+def apply_weights(model, state: dict[str, torch.Tensor], lora: bool) -> None:
+    """Put a LoRA adapter (into a PEFT model) or every trained weight into `model`."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head is not saved
+        raise RuntimeError("the weights do not match the model")
+
+
+def _weights_bytes(model, lora: bool) -> bytes:
+    from safetensors.torch import save
+
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"
+                 or not model.config.tie_word_embeddings}
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
 def aggregate_subtasks(per_subtask: np.ndarray, reduce: Reduce) -> np.ndarray:
@@ -204,6 +297,39 @@ def read_scores(path: Path | str) -> Scores | None:
     except Exception:
         return None
     return Scores(meta["method"], values, ids, Stage(**meta["stage"]))
+
+
+def scores_for(path: Path | str, pool: Sequence[Example], method: str | None = None) -> Scores:
+    """The scores file at `path`, checked against the pool it will select from (and the
+    method the user named, if any): a scores file from another pool, method or a broken run
+    is a CcdsError, not a silent mis-selection."""
+    path = Path(path)
+    sc = read_scores(path)
+    if sc is None:
+        raise CcdsError("not a scores file from `ccds score`" if path.is_file() else
+                        "no such scores file", str(path), "give the .parquet that ccds "
+                                                          "score wrote")
+    if method not in (None, sc.method):
+        raise CcdsError(f"these are {sc.method} scores, not {method}", str(path),
+                        "drop --method or score with it")
+    if sc.ids != [e.id for e in pool]:
+        raise CcdsError("scores file does not match the pool (ids differ)", str(path),
+                        "re-run ccds score on this pool")
+    if np.isnan(sc.values).any():
+        raise CcdsError(f"{int(np.isnan(sc.values).sum())} NaN scores", str(path),
+                        "re-score the pool; check those examples for empty text")
+    return sc
+
+
+def selection_costs(names: Sequence[str], pool: Sequence[Example], target: Target | None
+                    ) -> dict[str, float | None]:
+    """Analytic FLOPs of each method (default parameters) on `pool`, before running it;
+    None for a method that needs a target when none is given."""
+    out: dict[str, float | None] = {}
+    for name in names:
+        m = get_method(name)
+        out[name] = None if m.needs_target and target is None else m.cost(pool, target)
+    return out
 
 
 def examples_hash(examples: Sequence[Example]) -> str:

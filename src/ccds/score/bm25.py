@@ -23,8 +23,8 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from ..data.types import Example
-from .backend import Pass, map_pool, reduce_pool
-from .base import Method, Params, Reduce, aggregate_subtasks
+from .backend import map_pool, reduce_pool
+from .base import Method, Params, Pass, Reduce, aggregate_subtasks
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 

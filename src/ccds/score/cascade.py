@@ -42,7 +42,10 @@ class Cascade(Method):
         p = self.params
         self.cheap = get_method(p.cheap, **{"seed": p.seed, **p.cheap_params})
         self.expensive = get_method(p.expensive, **{"seed": p.seed, **p.expensive_params})
-        self.needs_target = self.cheap.needs_target or self.expensive.needs_target
+
+    @property
+    def needs_target(self) -> bool:
+        return self.cheap.needs_target or self.expensive.needs_target
 
     def fingerprint(self) -> str:
         return self.cheap.fingerprint() + "|" + self.expensive.fingerprint()

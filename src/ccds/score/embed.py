@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..io import track
 from ..models import load_sentence_encoder
-from ..progress import track
 from ..tokenize import length_batches
-from .backend import Pass, map_pool
-from .base import Method, Params, Reduce, aggregate_subtasks
+from .backend import map_pool
+from .base import Method, Params, Pass, Reduce, aggregate_subtasks
 
 
 class EmbedParams(Params):
@@ -35,7 +35,10 @@ class EmbedParams(Params):
 class Embed(Method):
     name = "embed"
     Params = EmbedParams
-    _encoder = None
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._encoder = self._ref = None  # loaded on first use: checking params loads nothing
 
     def encoder(self):
         if self._encoder is None:
@@ -98,7 +101,7 @@ class Embed(Method):
         return out
 
     def __getstate__(self) -> dict:  # shipped to a Ray actor without its loaded encoder
-        return {k: v for k, v in self.__dict__.items() if k not in ("_encoder", "_ref")}
+        return {**self.__dict__, "_encoder": None, "_ref": None}
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         v = self.embed(self._texts(target.val), ctx.runtime.device, meter)

@@ -25,14 +25,29 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..flops import Ledger, encoded_work, lora_step_flops
-from ..io import atomic_path, locked, read_json, stable_hash, write_json
+from ..io import atomic_path, bar, locked, read_json, stable_hash, write_json
 from ..lm import response_nll
-from ..models import cache_dir, counts_without_weights, load_causal_lm, param_counts, resolve
-from ..progress import bar
+from ..models import (
+    add_lora,
+    cache_dir,
+    causal_lm,
+    counts_without_weights,
+    load_causal_lm,
+    param_counts,
+    resolve,
+)
 from ..tokenize import Encoded, collate, encode, length_batches
-from ..train import TrainConfig, add_lora, train
-from .backend import ModelPass, apply_weights, causal_lm, map_pool
-from .base import Method, Params, Reduce, aggregate_subtasks, examples_hash
+from ..train import TrainConfig, train
+from .backend import map_pool
+from .base import (
+    Method,
+    ModelPass,
+    Params,
+    Reduce,
+    aggregate_subtasks,
+    apply_weights,
+    examples_hash,
+)
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -161,8 +176,8 @@ class LESS(Method):
     def batch_tokens(self, runtime) -> int:
         """Small batches on a CPU: an example's matmuls are already large there, and a
         bigger batch's activations outgrow the caches, slowing the backward's elementwise
-        kernels (benchmarks/speed_lm.py, three runs: 512 tokens per batch as fast as 2048 or
-        up to 1.4x faster). A GPU wants many examples per call."""
+        kernels (benchmarks/results/speed_lm.md times LESS at both budgets). A GPU wants
+        many examples per call."""
         if self.params.batch_tokens is not None:
             return self.params.batch_tokens
         return 512 if runtime.device.type == "cpu" else 8192
@@ -313,7 +328,7 @@ class RademacherProjection:
 
     def block(self, c: int) -> torch.Tensor:
         """Rows of R for chunk c. Each packed byte looks up its 8 signs in a 256-row table:
-        one multithreaded pass, 3-4x faster than unpacking bits then scaling, same values."""
+        one multithreaded pass instead of unpacking bits then scaling, same values."""
         bits = torch.from_numpy(self._bits(c)).int()
         return F.embedding(bits, self._table).reshape(len(bits), -1)[:, :self.k]
 

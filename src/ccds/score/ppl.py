@@ -17,11 +17,11 @@ import numpy as np
 from pydantic import Field
 
 from ..flops import Ledger, encoded_work, forward_flops, lora_step_flops
-from ..models import counts_without_weights, load_causal_lm, resolve
+from ..models import causal_lm, counts_without_weights, load_causal_lm, resolve
 from ..tokenize import encode
 from ..train import TrainConfig, train
-from .backend import SequenceStats, causal_lm, map_pool
-from .base import Method, Params
+from .backend import map_pool
+from .base import Method, ModelPass, Params
 
 
 class PPLParams(Params):
@@ -37,12 +37,11 @@ class PPLParams(Params):
 
 class PPL(Method):
     name = "ppl"
-    needs_target = False
     Params = PPLParams
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.needs_target = self.params.train_on_val
+    @property
+    def needs_target(self) -> bool:  # only a scorer trained on V reads the target
+        return self.params.train_on_val
 
     def fingerprint(self) -> str:
         return resolve(self.params.model).fingerprint
@@ -102,3 +101,23 @@ def middle_third_first(values: np.ndarray, seed: int) -> np.ndarray:
     third[order] = np.minimum(np.arange(n) * 3 // max(n, 1), 2)
     u = np.random.default_rng(seed).random(n)
     return np.where(third == 1, 2.0, 1.0) + u
+
+
+class SequenceStats(ModelPass):
+    """Per example: response NLL sum, token count and token-probability sum (the
+    perplexity family; S2L's loss trajectories)."""
+
+    def __init__(self, load, model=None, tok=None, *, lora: bool = False, max_len: int = 512,
+                 batch_tokens: int = 8192):
+        super().__init__(load, model, tok, lora=lora)
+        self.max_len, self.batch_tokens = max_len, batch_tokens
+
+    def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
+        from ..lm import score_sequences
+        from ..models import param_counts
+
+        meter.params = meter.params or param_counts(self.model)
+        s = score_sequences(self.model, encode(examples, self.tok, self.max_len),
+                            self.tok.pad_token_id, runtime, max_tokens=self.batch_tokens,
+                            meter=meter, progress=progress)
+        return np.stack([s["nll_sum"], s["n_tokens"], s["prob_sum"]], axis=1)

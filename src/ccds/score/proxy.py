@@ -26,11 +26,12 @@ from ..errors import CcdsError
 from ..flops import Ledger, Meter, encoded_work, forward_flops, full_step_flops, lora_step_flops
 from ..io import atomic_path, locked, read_json, stable_hash, write_json
 from ..lm import mean_hidden
-from ..models import cache_dir, load_causal_lm, param_counts, resolve
+from ..models import add_lora, cache_dir, load_causal_lm, param_counts, resolve
 from ..tokenize import encode
-from ..train import TrainConfig, add_lora, train
-from .backend import SequenceStats, apply_weights, map_pool
-from .base import Method, Params, examples_hash
+from ..train import TrainConfig, train
+from .backend import map_pool
+from .base import Method, Params, apply_weights, examples_hash
+from .ppl import SequenceStats
 
 SCRATCH = "scratch"
 

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..analyse.composition import cluster_purity
+from ..data.composition import cluster_purity
 from . import proxy
 
 KMeansBackend = Literal["auto", "faiss", "sklearn"]

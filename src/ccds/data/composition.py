@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.types import Example
+from .types import Example
 
 _SPLIT = re.compile(r"[/:]")
 
