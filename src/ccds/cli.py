@@ -305,8 +305,14 @@ def sweep_run(config: Annotated[Path, typer.Argument(help="sweep YAML (see ccds.
 
 
 @app.command("analyze")
-def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")],
-                out: Annotated[Path | None, Opt(help="report folder (default RUNS/report)")]
+def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, or a "
+                                                     ".csv/.jsonl of runs made anywhere "
+                                                     "(see ccds.analyse.points)")],
+                out: Annotated[Path | None, Opt(help="report folder (default RUNS/report; "
+                                                     "for a file, NAME-report here)")]
+                = None,
+                where: Annotated[list[str] | None, Opt(help="COLUMN=VALUE: only the points "
+                                                           "file's rows with it (repeatable)")]
                 = None,
                 share: Annotated[Literal["none", "pbar", "pbar_p0"],
                                  Opt(help="fit parameters shared by the methods")] = "pbar",
@@ -320,8 +326,16 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder")
     from .analyse.render import run_label
     from .analyse.runs import analyze
 
-    out = out or runs / "report"
-    report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0)
+    if out is None:
+        out = runs / "report" if runs.is_dir() else Path(f"{runs.stem}-report")
+    filters = {}
+    for item in where or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise CcdsError(f"bad --where {item!r}", None, "use --where COLUMN=VALUE")
+        filters[key.strip()] = value
+    report = analyze(runs, out, share=share, convention=convention, bootstrap=bootstrap, p0=p0,
+                     where=filters)
     for g in report["groups"]:
         fr = ", ".join(map(run_label, g["frontier"]))
         typer.echo(f"{g['target']} / {g['model']}: {g['runs']} runs; frontier: {fr}")

@@ -33,21 +33,31 @@ def load_points(runs: list[dict], convention: str) -> dict[tuple[str, str], list
 
 
 def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
-            convention: str = "ccds", bootstrap: int = 200, p0: str = "measured") -> dict:
-    """p0: "measured" fixes each group's P0 to the zero-shot performance the sweep recorded
-    (fitted when there is none), "fit" always fits it."""
+            convention: str = "ccds", bootstrap: int = 200, p0: str = "measured",
+            where: dict[str, str] | None = None) -> dict:
+    """`runs_dir`: a sweep's output folder (its run store), or a CSV/JSONL of points from
+    anywhere (`points.read_points`; `where` filters its rows). p0: "measured" fixes each
+    group's P0 to the recorded zero-shot performance (fitted when there is none), "fit"
+    always fits it."""
     if p0 not in ("measured", "fit"):
         raise CcdsError(f"unknown P0 mode '{p0}'", None, "use measured or fit")
     if share not in ("none", "pbar", "pbar_p0"):  # else every group's fit fails alike
         raise CcdsError(f"unknown sharing '{share}'", None, "use none, pbar or pbar_p0")
     runs_dir, out = Path(runs_dir), Path(out)
-    db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
-    if not db.exists():
-        raise CcdsError("no run store here", str(db), "pass the sweep's output folder")
-    store = Store(db)
-    runs, meta = list(store.runs()), store.meta()
-    if not runs:
-        raise CcdsError("the run store has no finished runs", str(db), "run the sweep first")
+    if runs_dir.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        from .points import read_points
+
+        runs, meta = read_points(runs_dir, where)
+    else:
+        db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
+        if not db.exists():
+            raise CcdsError("no run store here", str(db), "pass the sweep's output folder, "
+                                                          "or a .csv/.jsonl of points")
+        store = Store(db)
+        runs, meta = list(store.runs()), store.meta()
+        if not runs:
+            raise CcdsError("the run store has no finished runs", str(db),
+                            "run the sweep first")
     report: dict = {"convention": convention, "share": share, "groups": []}
     write_runs_csv(runs, out / "runs.csv")
     for (target, model), pts in load_points(runs, convention).items():
@@ -56,7 +66,7 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
         g = analyze_group(target, model, pts, c_full, share, bootstrap,
                           meta[f"c_full/{model}"], zero["perf"] if zero else None)
         g["overlap"] = overlaps([r for r in runs if r["target"] == target
-                                 and r["model"] == model])
+                                 and r["model"] == model and r.get("ids")])
         g["plots"] = plot_group(g, pts, out, c_full)
         report["groups"].append(g)
     write_json(out / "fits.json", report)
