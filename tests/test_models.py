@@ -88,3 +88,37 @@ def test_smollm2_loads_with_chat_template(smollm2):
     assert ref.name == "smollm2-135m"
     assert tok.chat_template and tok.pad_token_id is not None
     assert model.config.num_hidden_layers == 30 and not model.training
+
+
+def test_place_casts_frozen_weights_before_it_moves_them(tiny_model_dir):
+    """Every tensor lands on the device once, already in its final dtype: frozen weights as
+    bf16, never as an fp32 copy cast there (a 7B model's 28 GB spike on the GPU). The meta
+    device stands in for the GPU; a function mode sees each `.to` that lands on it."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from torch.overrides import TorchFunctionMode
+
+    from ccds.models import Runtime, add_lora, load_causal_lm
+
+    class Landings(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: Counter = Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to and out is not args[0] and out.device.type == "meta":
+                self.seen[out.dtype, out.numel()] += 1
+            return out
+
+    base, _, _ = load_causal_lm(str(tiny_model_dir))
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
+                           target_modules=["q_proj", "v_proj"], seed=0)
+    model = add_lora(base, lora)
+    with Landings() as spy:
+        Runtime(torch.device("meta"), torch.bfloat16).place(model)
+    final = [*model.parameters(), *model.buffers()]
+    assert spy.seen == Counter((t.dtype, t.numel()) for t in final)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}

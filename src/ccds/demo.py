@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   f"[bold]{target.name}[/] with {', '.join(methods)}")
 
     rt = pick_runtime(cfg.train.device, cfg.train.dtype)
-    model, tok, ref = load_causal_lm(cfg.model)
+    model, tok, ref = load_causal_lm(cfg.model, runtime=rt)
     rt.place(model)
     console.print(f"model {cfg.model} ({ref.fingerprint[:12]}), {rt.device.type} {rt.dtype_name}")
 

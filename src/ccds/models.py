@@ -59,16 +59,16 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Move `model` to the device and, under autocast, store its frozen weights in the
-        autocast dtype. Autocast would otherwise re-cast every fp32 weight at every call and
-        the residual stream would stay fp32; cast once, scoring is faster in half the
-        memory. Trainable weights (LoRA, full fine-tuning) keep fp32 masters."""
-        model.to(self.device)
+        """Store `model`'s frozen weights in the autocast dtype, then move it to the device.
+        Autocast would otherwise re-cast every fp32 weight at every call and the residual
+        stream would stay fp32; cast once, scoring is faster in half the memory. Casting
+        before the move means an fp32 copy of the frozen weights never lands on the device.
+        Trainable weights (LoRA, full fine-tuning) keep fp32 masters."""
         if self.autocast is not None:
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(self.autocast)
-        return model
+        return model.to(self.device)
 
     @property
     def dtype_name(self) -> str:
@@ -190,17 +190,22 @@ def resolve(name: str) -> ModelRef:
                     "file, or a Hugging Face hub id like org/name")
 
 
-def load_causal_lm(name: str, *, attn: str = "sdpa", trust_remote_code: bool = False):
-    """Load (model, tokenizer, ref) in fp32 on the CPU, frozen; callers `Runtime.place` it."""
+def load_causal_lm(name: str, *, attn: str = "sdpa", trust_remote_code: bool = False,
+                   runtime: Runtime | None = None):
+    """Load (model, tokenizer, ref), frozen. Without `runtime`: fp32 on the CPU, for the
+    caller to `Runtime.place`. With it: straight onto its device in the dtype `place` stores
+    frozen weights in, so a model never exists in fp32 in host or device memory (a 7B one
+    would take 28 GB). Full fine-tuning wants fp32 masters: pass `Runtime(device, None)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     ref = resolve(name)
+    dtype, where = _load_target(runtime)
     try:
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=torch.float32, attn_implementation=attn,
+            ref.path, dtype=dtype, device_map=where, attn_implementation=attn,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise CcdsError(f"cannot load causal LM '{name}' ({_first_line(e)})", None,
@@ -213,6 +218,16 @@ def load_causal_lm(name: str, *, attn: str = "sdpa", trust_remote_code: bool = F
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)  # frozen until a trainer says otherwise
     return model, tok, ref
+
+
+def _load_target(runtime: Runtime | None) -> tuple[torch.dtype, torch.device | None]:
+    """(dtype, device_map) for from_pretrained: the frozen-weight dtype and, off the CPU, the
+    device itself (transformers then reads each tensor straight onto it; no device_map on
+    the CPU, the default, keeps CPU loads as they were)."""
+    if runtime is None:
+        return torch.float32, None
+    where = runtime.device if runtime.device.type != "cpu" else None
+    return runtime.autocast or torch.float32, where
 
 
 def load_sentence_encoder(name: str = "minilm", device: str = "cpu"):

@@ -255,7 +255,7 @@ def _load(cfg: SweepConfig, model_name: str) -> _Model:
     # the dtype `auto` resolved to on this machine goes into every key: a sweep resumed
     # on a machine where `auto` means another dtype must not mix the two in one study
     tcfg = cfg.train.model_copy(update={"model": model_name, "dtype": rt.dtype_name})
-    model, tok, ref = load_causal_lm(model_name)
+    model, tok, ref = load_causal_lm(model_name, runtime=rt)
     rt.place(model)
     return _Model(name=model_name, model=model, tok=tok, rt=rt, fingerprint=ref.fingerprint,
                   train=tcfg)
@@ -282,8 +282,8 @@ def _run_key(m: _Model, *, cfg: SweepConfig, pool_hash: str, target, spec: Metho
 
     return stable_hash(pool_hash, target_hash(target), examples_hash(target.test),
                        m.fingerprint, spec.name, spec.params, seed, fraction,
-                       m.train.model_dump(exclude={"device"}), cfg.eval.model_dump(),
-                       cfg.metric)
+                       m.train.model_dump(exclude={"device", *TrainConfig.EXECUTION}),
+                       cfg.eval.model_dump(), cfg.metric)
 
 
 def _run_one(store, m: _Model, *, cfg: SweepConfig, pool, target, spec: MethodSpec, method,
@@ -338,7 +338,7 @@ def _train_once(m: _Model, examples, *, tcfg: TrainConfig, ledger, root: Path):
     from .train import train
 
     out = root / stable_hash([(e.id, e.prompt, e.response) for e in examples],
-                             tcfg.model_dump(exclude={"device"}))
+                             tcfg.model_dump(exclude={"device", *TrainConfig.EXECUTION}))
     done = out / "result.json"
     if done.exists():
         info = read_json(done)

@@ -7,7 +7,9 @@ Checkpoints hold the adapter and the AdamW moments in safetensors, because LESS 
 gradient features from exactly those moments; with the RNG state and the step they also let
 a killed run (`out` given) resume from its last checkpoint and end bit-identical to an
 uninterrupted one. Multi-GPU: wrap the same loop with
-`accelerate launch` (see README); here it runs on one device.
+`accelerate launch` (see README); each optimizer step's sequences are then split across the
+processes (`split_step`), so N GPUs do 1/N of the step each. fp16 autocast (GPUs without
+bf16) trains with a GradScaler: fp16 gradients of small losses would otherwise underflow.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -68,6 +70,17 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     measure_flops: bool = True
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass: one "
+        "more forward of the layers per micro-batch, for the activations of about one layer "
+        "instead of all (long sequences, big models)")
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel training runs with (flash_attention_2 needs "
+        "the flash-attn package, a CUDA GPU and bf16/fp16)")
+
+    # Settings that change how a run executes, not what it trains (at most the last bits):
+    # run-store keys and resume keys leave them out, so flipping one reuses finished work.
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"gradient_checkpointing", "attn"})
 
 
 @dataclass
@@ -103,6 +116,39 @@ def plan_steps(enc: Encoded, cfg: TrainConfig) -> list[list[np.ndarray]]:
     return steps
 
 
+def split_step(group: list[np.ndarray], lengths: np.ndarray, world: int
+               ) -> list[list[np.ndarray]]:
+    """One optimizer step's micro-batches, per process: every process gets work whenever the
+    step has at least `world` sequences.
+
+    Micro-batches are halved (largest first) until there are `world` of them, then dealt
+    largest first to the least loaded process (by padded tokens). The step's sequences and
+    its loss normaliser are those of one process, and so is the update; a single process
+    gets `group` as it is.
+    """
+    if world == 1:
+        return [list(group)]
+
+    def cost(b: np.ndarray) -> int:
+        return len(b) * int(lengths[b].max())
+
+    pieces = list(group)
+    while len(pieces) < world:
+        halvable = [i for i, b in enumerate(pieces) if len(b) > 1]
+        if not halvable:
+            break
+        b = pieces.pop(max(halvable, key=lambda i: cost(pieces[i])))
+        b = b[np.argsort(lengths[b], kind="stable")]  # alternate: halves of equal tokens
+        pieces += [b[0::2], b[1::2]]
+    ranks: list[list[np.ndarray]] = [[] for _ in range(world)]
+    load = [0] * world
+    for b in sorted(pieces, key=cost, reverse=True):
+        r = load.index(min(load))
+        ranks[r].append(b)
+        load[r] += cost(b)
+    return ranks
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
     warm = math.ceil(cfg.warmup_ratio * total)
 
@@ -125,19 +171,20 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     """Fine-tune `cfg.model` (or the given model) with LoRA on `examples`.
 
     Under `accelerate launch` with several processes, each optimizer step's micro-batches
-    are dealt round-robin to the processes and DDP sums their gradients, so the update is
-    the one a single process would make (up to summation order).
+    are split across the processes (`split_step`) and DDP sums their gradients, so the update
+    is the one a single process would make (up to summation order).
     """
     cfg = cfg or TrainConfig()
     if not examples:
         raise CcdsError("nothing to train on: the subset is empty", None,
                         "select at least one example")
     rt = runtime or pick_runtime(cfg.device, cfg.dtype)
+    _check_attn(cfg.attn, rt)
     acc = _accelerator(rt)
     if acc is not None:
         rt = Runtime(acc.device, rt.autocast)
     if model is None:
-        model, tokenizer, _ = load_causal_lm(cfg.model)
+        model, tokenizer, _ = load_causal_lm(cfg.model, attn=cfg.attn)
     if cfg.lora and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     if not cfg.lora:  # fp32 masters for every weight, even if placed in bf16 before
@@ -151,9 +198,12 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(steps)))
     save_at = {round(len(steps) * (i + 1) / cfg.checkpoints) for i in range(cfg.checkpoints)}
-    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops"}), rt.dtype_name,
-                          counts_key(model), [(e.id, e.prompt, e.response) for e in examples])
-    resumed = (_resume(Path(out), run_key, model, opt, sched, named)
+    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops", *cfg.EXECUTION}),
+                          rt.dtype_name, counts_key(model), [(e.id, e.prompt, e.response) for e in examples])
+    # fp16's narrow range: the loss is scaled up before backward so that small gradients do
+    # not flush to zero, and steps whose gradients overflowed are skipped
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.autocast == torch.float16 else None
+    resumed = (_resume(Path(out), run_key, model, opt, sched, named, scaler)
                if out is not None and cfg.lora and cfg.save_optimizer else None)
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     main = rank == 0
@@ -175,39 +225,43 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     meter = Meter("train", "training", counts, cfg.measure_flops, rt.device)
     last_ckpt = start  # a checkpoint's mean LR covers the steps since the one before
     b = bar(len(steps), progress if main else None, unit="step")
-    with meter:
+    lengths, resp = enc.lengths, enc.response_lengths  # O(pool) each: once, not per step
+    with meter, _executing(plain, cfg):
         for step, group in enumerate(steps, 1):
+            mine = split_step(group, lengths, world)[rank]
             if step <= start:  # done before the restart: charge its work, do not redo it
-                for ix in group[rank::world]:
+                for ix in mine:
                     meter.lora_step(collate(enc, ix, pad), full=not cfg.lora)
                 b.update()
                 last_ckpt = step
                 continue
-            n_tok = sum(int(enc.response_lengths[ix].sum()) for ix in group)
-            mine = group[rank::world]
-            # a process with no micro-batch this step still joins the gradient all-reduce
-            weight = float(world) if mine else 0.0
+            n_tok = sum(int(resp[ix].sum()) for ix in group)
             total = 0.0
-            for j, ix in enumerate(mine or group[:1]):
-                sync = j == len(mine or group[:1]) - 1
+            for j, ix in enumerate(mine):
+                sync = j == len(mine) - 1
                 with (acc.no_sync(model) if acc is not None and not sync
                       else contextlib.nullcontext()):
                     batch = collate(enc, ix, pad).to(rt.device)
                     with rt.amp():
                         nll, _ = response_nll(model, batch, suffix=True)
                         loss = nll.sum() / max(n_tok, 1)
-                    if acc is None:
-                        loss.backward()
-                    else:
-                        acc.backward(loss * weight)
-                if mine:
-                    total += loss.item()
-                    meter.lora_step(batch, full=not cfg.lora)
-                    result.tokens += batch.real_tokens
+                    _backward(acc, scaler, loss * world)  # DDP averages over the processes
+                total += loss.item()
+                meter.lora_step(batch, full=not cfg.lora)
+                result.tokens += batch.real_tokens
+            if not mine:  # fewer sequences than processes: join the all-reduce with zeros
+                zero = _one_token_loss(model, int(enc.ids[group[0][0]][-1]), rt) * 0.0
+                _backward(acc, scaler, zero)
+            if scaler is not None:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             result.lrs.append(sched.get_last_lr()[0])
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             result.losses.append(_sum(acc, total))
@@ -222,7 +276,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                         opt if cfg.save_optimizer else None, named,
                         {"step": step, "epoch": step / len(steps) * cfg.epochs,
                          "mean_lr": lr_mean, "run_key": run_key, "losses": result.losses,
-                         "lrs": result.lrs, "tokens": result.tokens}))
+                         "lrs": result.lrs, "tokens": result.tokens,
+                         "scaler": scaler.state_dict() if scaler is not None else None}))
                 last_ckpt = step
     b.close()
     plain.eval()
@@ -243,6 +298,71 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                                              "lrs": result.lrs, "stage": stage})
     result.stage = stage
     return result
+
+
+def _check_attn(attn: str, rt: Runtime) -> None:
+    """flash_attention_2 fails deep inside the first forward when it cannot run: say so up
+    front."""
+    if attn != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise CcdsError("attn flash_attention_2 needs the flash-attn package and a CUDA GPU",
+                        None, "pip install flash-attn on the GPU machine, or use attn: sdpa")
+    if rt.autocast is None:
+        raise CcdsError("attn flash_attention_2 runs in bf16 or fp16, not fp32", None,
+                        "set dtype: bf16 (or fp16), or use attn: sdpa")
+
+
+@contextlib.contextmanager
+def _executing(model, cfg: TrainConfig):
+    """`cfg.attn` and `cfg.gradient_checkpointing` on `model` (a PeftModel or a plain one)
+    for the run, restored after: the caller's model (a sweep's base model) stays as given."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ckpt = cfg.gradient_checkpointing and not checkpointing(base)
+    if ckpt and not base.supports_gradient_checkpointing:
+        raise CcdsError(f"{type(base).__name__} does not support gradient checkpointing",
+                        None, "set gradient_checkpointing: false")
+    attn = base.config._attn_implementation
+    if attn != cfg.attn:
+        base.set_attn_implementation(cfg.attn)
+    if ckpt:
+        # non-reentrant: needs no input that requires grad and replays dropout's RNG, so
+        # the run trains as it would without checkpointing
+        on = getattr(base, "activation_checkpointing_enable", None)  # newer transformers
+        (on or base.gradient_checkpointing_enable)({"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if ckpt:
+            off = getattr(base, "activation_checkpointing_disable", None)
+            (off or base.gradient_checkpointing_disable)()
+            base.disable_input_require_grads()  # which the enable added
+        if attn != cfg.attn:
+            base.set_attn_implementation(attn)
+
+
+def checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on in `model` (any transformers version)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _one_token_loss(model, token: int, rt: Runtime) -> torch.Tensor:
+    """A forward of one token through every layer: the cheapest graph that reaches every
+    trainable parameter, which DDP needs from each process to all-reduce the gradients."""
+    with rt.amp():
+        ids = torch.tensor([[token]], device=rt.device)
+        return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float().sum()
+
+
+def _backward(acc, scaler, loss: torch.Tensor) -> None:
+    if scaler is not None:
+        loss = scaler.scale(loss)
+    if acc is None:
+        loss.backward()
+    else:
+        acc.backward(loss)
 
 
 def _accelerator(rt: Runtime):
@@ -289,9 +409,10 @@ def counts_key(model) -> list[int]:
     return [int(p.numel()) for p in model.parameters()]
 
 
-def _resume(out: Path, run_key: str, model, opt, sched, named):
+def _resume(out: Path, run_key: str, model, opt, sched, named, scaler=None):
     """The latest checkpoint of this very run (same config, model and examples), loaded into
-    the model, the optimizer and the schedule; None if there is none."""
+    the model, the optimizer, the schedule and the fp16 loss scaler; None if there is
+    none."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -313,6 +434,8 @@ def _resume(out: Path, run_key: str, model, opt, sched, named):
         opt.state[p] = {"step": torch.tensor(float(step)),
                         "exp_avg": t[f"{name}.exp_avg"].to(p.device),
                         "exp_avg_sq": t[f"{name}.exp_avg_sq"].to(p.device)}
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stepping the schedule without an optimizer step
         for _ in range(step):

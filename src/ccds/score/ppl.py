@@ -68,7 +68,7 @@ class PPL(Method):
         p = self.params
         model = tok = None
         if p.train_on_val:  # here, before the pool pass (which may run elsewhere)
-            model, tok, _ = load_causal_lm(p.model)
+            model, tok, _ = load_causal_lm(p.model, runtime=ctx.runtime)
             ctx.runtime.place(model)
             ledger = Ledger()
             model = train(target.val, self._val_config(), model=model, tokenizer=tok,
