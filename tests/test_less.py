@@ -17,6 +17,10 @@ from ccds.score.less import (
 from ccds.tokenize import collate, encode
 from ccds.train import TrainConfig
 
+# signs of R for seed 7, k = 512: row 0's first 16, row 999's last 8, row 2000's first 8
+PINNED = [[1, 1, 1, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 1, 1, 1, 0],
+          [1, 1, 1, 1, 1, 1, 1, 0]]
+
 
 @pytest.fixture()
 def lora_model(tiny):
@@ -68,19 +72,22 @@ def test_projection_is_seeded_chunk_invariant_and_norm_preserving():
     assert torch.equal(a, b) and not torch.equal(a, c)
     ratio = a.norm(dim=1) / x.norm(dim=1)
     assert torch.all((ratio > 0.8) & (ratio < 1.2))  # Johnson–Lindenstrauss
-    # the matrix is a fixed function of (seed, chunk index) through numpy's PCG64, which is
-    # the same on every platform: pin some of its signs
+    # R is a function of (seed, row, column) alone: another chunking is the same matrix
     proj = RademacherProjection(3000, 512, seed=7, chunk=1000)
-    block = proj.block(0)
-    assert torch.allclose(block.abs(), torch.full_like(block, 512 ** -0.5))
-    assert (block[0, :16] > 0).int().tolist() == [1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
-    assert (block[999, -8:] > 0).int().tolist() == [1, 0, 0, 1, 1, 1, 0, 0]
-    assert (proj.block(2)[0, :8] > 0).int().tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
-    # the byte lookup gives exactly the unpacked signs, also when k is not a multiple of 8
+    other = RademacherProjection(3000, 512, seed=7, chunk=777)
+    full = torch.cat([proj.block(i) for i in range(3)])
+    assert torch.equal(full, torch.cat([other.block(i) for i in range(4)]))
+    assert torch.allclose(other(x), a, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(full.abs(), torch.full_like(full, 512 ** -0.5))
+    # pinned signs (tests/test_less_device.py checks them all against a numpy reference)
+    assert (full[0, :16] > 0).int().tolist() == PINNED[0]
+    assert (full[999, -8:] > 0).int().tolist() == PINNED[1]
+    assert (full[2000, :8] > 0).int().tolist() == PINNED[2]
+    # k not a multiple of 8 (or of 64): the first k columns, a short last chunk
     odd = RademacherProjection(100, 13, seed=3, chunk=40)
-    signs = np.unpackbits(odd._bits(1), axis=1, count=13).astype(np.float32) * 2 - 1
-    assert torch.equal(odd.block(1), torch.from_numpy(signs) / np.sqrt(13))
     assert odd.block(2).shape == (20, 13)
+    wide = RademacherProjection(100, 64, seed=3, chunk=40)  # the same one word per row
+    assert torch.equal(odd.block(1) > 0, wide.block(1)[:, :13] > 0)
 
 
 def test_less_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
@@ -113,11 +120,29 @@ def test_less_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     assert np.allclose(run(less(), pool, dates, cache=None).values, s.values, atol=1e-6)
 
 
-def test_gradient_batches_are_small_on_a_cpu_and_large_on_a_gpu():
+def test_gradient_batches_are_small_on_a_cpu_and_fill_a_gpus_free_memory(lora_model,
+                                                                         monkeypatch):
     """On a CPU an example's matmuls are already large and a bigger batch's activations
-    outgrow the caches (benchmarks/speed_lm.py); a GPU wants many examples per call."""
+    outgrow the caches (benchmarks/speed_lm.py); a GPU wants as many examples per call as
+    its free memory holds (issue 22), counting what the caching allocator holds unused."""
     from ccds.models import Runtime
+    from ccds.score.less import ModelShape, gradient_batch_tokens
 
+    model, _ = lora_model
     assert get_method("less").batch_tokens(pick_runtime(device="cpu", dtype="fp32")) == 512
-    assert get_method("less").batch_tokens(Runtime(torch.device("cuda"), torch.bfloat16)) == 8192
     assert get_method("less", batch_tokens=64).batch_tokens(pick_runtime(dtype="fp32")) == 64
+    gpu = Runtime(torch.device("cuda"), torch.bfloat16)
+    assert get_method("less", batch_tokens=64).batch_tokens(gpu, model) == 64
+    with pytest.raises(ValueError, match="model"):
+        get_method("less").batch_tokens(gpu)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 << 30)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    got = {}
+    for free in (1 << 30, 80 << 30):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d, f=free: (f, 80 << 30))
+        got[free] = get_method("less", proj_dim=1024).batch_tokens(gpu, model)
+        assert got[free] == gradient_batch_tokens(free + (2 << 30), ModelShape.of(model),
+                                                  n_lora, held_rows=256, proj_dim=1024,
+                                                  act_bytes=2, max_len=512)
+    assert 512 <= got[1 << 30] < got[80 << 30] == 64 * 512  # 64 rows of max_len at most

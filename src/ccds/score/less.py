@@ -7,17 +7,20 @@
    Σ_t grad_out[b,t]ᵀ · input[b,t], an einsum over the activations and output gradients that
    hooks capture. Pool examples use the Adam update direction m'/sqrt(v' + ε) built from the
    checkpoint's moments; validation examples use the plain gradient.
-3. A seeded Rademacher projection to k dimensions, generated in row chunks from a counter-
-   based seed (the same matrix on any machine), then L2 normalisation.
+3. A seeded Rademacher projection to k dimensions on the gradients' device, its signs a
+   counter-based hash of (seed, row, column) generated in row chunks (the same matrix on
+   any device), then L2 normalisation.
 4. score = Σ_ckpt w_ckpt · mean over a subtask's V of <ĝ_x, ĝ_v>, max over subtasks, with
    w_ckpt the checkpoint epoch's mean learning rate normalised to sum to 1.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +53,7 @@ from .base import (
 )
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+SIGN_CACHE_BYTES = 1 << 30  # the projection keeps its packed sign bits up to this size
 
 
 class LESSParams(Params):
@@ -63,7 +67,8 @@ class LESSParams(Params):
     proj_dim: int = Field(8192, ge=1)
     max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
     batch_tokens: int | None = Field(
-        None, ge=1, description="tokens per gradient batch; default 512 on a CPU, 8192 on a GPU")
+        None, ge=1, description="tokens per gradient batch; default 512 on a CPU, on a GPU "
+        "the most that fits in its free memory (gradient_batch_tokens)")
     project_every: int = Field(256, ge=1, description="examples projected together")
     reduce: Reduce = "max"
 
@@ -73,7 +78,9 @@ class LESS(Method):
     Params = LESSParams
 
     def fingerprint(self) -> str:
-        return resolve(self.params.model).fingerprint
+        """The model's, and the projection's version: scores and pool features computed
+        with another matrix are never reused."""
+        return f"{resolve(self.params.model).fingerprint}/{RademacherProjection.version}"
 
     def warmup_config(self) -> TrainConfig:
         p = self.params
@@ -173,21 +180,36 @@ class LESS(Method):
         meter.stage.detail["reused_flops"] = reused
         return aggregate_subtasks(total, p.reduce)
 
-    def batch_tokens(self, runtime) -> int:
+    def batch_tokens(self, runtime, model=None) -> int:
         """Small batches on a CPU: an example's matmuls are already large there, and a
         bigger batch's activations outgrow the caches, slowing the backward's elementwise
         kernels (benchmarks/results/speed_lm.md times LESS at both budgets). A GPU wants
-        many examples per call."""
-        if self.params.batch_tokens is not None:
-            return self.params.batch_tokens
-        return 512 if runtime.device.type == "cpu" else 8192
+        many examples per call, as many as its free memory holds for `model` (the LoRA
+        model being differentiated); what the caching allocator holds unused counts as free."""
+        p = self.params
+        if p.batch_tokens is not None:
+            return p.batch_tokens
+        if runtime.device.type == "cpu":
+            return 512
+        if runtime.device.type != "cuda":
+            return 8192
+        if model is None:
+            raise ValueError("LESS's GPU batch size depends on the model: pass it")
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        free += torch.cuda.memory_reserved(runtime.device) - torch.cuda.memory_allocated(
+            runtime.device)
+        n_lora = sum(x.numel() for x in model.parameters() if x.requires_grad)
+        return gradient_batch_tokens(free, ModelShape.of(model), n_lora,
+                                     held_rows=p.project_every, proj_dim=p.proj_dim,
+                                     act_bytes=4 if runtime.autocast is None else 2,
+                                     max_len=p.max_len)
 
     def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,
                  moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, runtime,
                  meter, desc: str | None = None) -> np.ndarray:
         """Projected, L2-normalised per-example gradient features (Adam-shaped if moments)."""
         out = np.zeros((len(enc), proj.k), dtype=np.float32)
-        pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # on the compute device
         n_pending = 0
         b = bar(len(enc), desc, unit="ex")
 
@@ -196,20 +218,19 @@ class LESS(Method):
             if not pending:
                 return
             rows = np.concatenate([ix for ix, _ in pending])
-            g = torch.cat([x for _, x in pending])
-            z = proj(g)
-            meter.add(2.0 * g.shape[0] * g.shape[1] * proj.k)
-            out[rows] = torch.nn.functional.normalize(z, dim=1).numpy()
+            z = proj([x for _, x in pending])
+            meter.add(2.0 * len(rows) * proj.n * proj.k)
+            out[rows] = F.normalize(z, dim=1).cpu().numpy()
             pending.clear()
             n_pending = 0
 
-        for index in length_batches(enc.lengths, self.batch_tokens(runtime)):
+        for index in length_batches(enc.lengths, self.batch_tokens(runtime, model)):
             batch = collate(enc, index, tok.pad_token_id).to(runtime.device)
             g = per_example_grads(model, batch, names, runtime)
             meter.lora_step(batch)
             if moments is not None:
                 g = adam_direction(g, names, moments)
-            pending.append((index, g.cpu()))
+            pending.append((index, g))
             n_pending += len(index)
             b.update(len(index))
             if n_pending >= self.params.project_every:
@@ -226,6 +247,17 @@ class PoolGradients(ModelPass):
         super().__init__(partial(causal_lm, method.params.model, method.warmup_config()),
                          model, tok, lora=True)
         self.method, self.names, self.proj, self.moments = method, names, proj, moments
+
+    def __getstate__(self) -> dict:  # shipped on the CPU, wherever this process computes
+        return {**super().__getstate__(),
+                "moments": {n: (m.cpu(), v.cpu()) for n, (m, v) in self.moments.items()}}
+
+    def setup(self, runtime) -> None:
+        """The moments go where the gradients are computed, once per checkpoint (here or
+        on a Ray actor), not once per batch."""
+        super().setup(runtime)
+        d = runtime.device
+        self.moments = {n: (m.to(d), v.to(d)) for n, (m, v) in self.moments.items()}
 
     def __call__(self, examples, runtime, meter, progress=None) -> np.ndarray:
         meter.params = meter.params or param_counts(self.model)
@@ -276,12 +308,13 @@ def per_example_grads(model, batch, names: list[str], runtime) -> torch.Tensor:
 
 def adam_direction(g: torch.Tensor, names: list[str],
                    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """m' / sqrt(v' + ε) with m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g² (no bias fix)."""
+    """m' / sqrt(v' + ε) with m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g² (no bias fix).
+    In place on two [B, N] buffers (the same operations in the same order): at 7B a batch's
+    rows are gigabytes each."""
     m = torch.cat([moments[n][0].flatten() for n in names])
     v = torch.cat([moments[n][1].flatten() for n in names])
-    m2 = BETA1 * m + (1 - BETA1) * g
-    v2 = BETA2 * v + (1 - BETA2) * g * g
-    return m2 / torch.sqrt(v2 + EPS)
+    v2 = g.mul(1 - BETA2).mul_(g).add_(BETA2 * v)
+    return g.mul(1 - BETA1).add_(BETA1 * m).div_(v2.add_(EPS).sqrt_())
 
 
 def load_lora(model, ckpt: Path) -> None:
@@ -297,44 +330,143 @@ def load_moments(ckpt: Path, names: list[str]) -> dict[str, tuple[torch.Tensor, 
     return {n: (t[f"{n}.exp_avg"], t[f"{n}.exp_avg_sq"]) for n in names}
 
 
+# -- batch size from free memory ----------------------------------------------------------
+
+class ModelShape(NamedTuple):
+    """What a batch's activations grow with."""
+
+    layers: int
+    d_model: int
+    d_ff: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> ModelShape:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config.get_text_config(decoder=True)
+        d = cfg.hidden_size
+        return cls(cfg.num_hidden_layers, d, getattr(cfg, "intermediate_size", None) or 4 * d,
+                   cfg.vocab_size)
+
+
+def gradient_memory(tokens: int, shape: ModelShape, n_lora: int, *, held_rows: int,
+                    proj_dim: int, act_bytes: int = 2, max_batch: int = 64,
+                    chunk: int = 8192) -> float:
+    """An upper estimate of the bytes LESS's gradient pass needs besides the loaded model,
+    at `tokens` per batch, so a budget can be chosen before anything runs out of memory.
+
+    Per token: what the backward keeps, per layer ≤ 24·d_model + 4·d_ff activations (the
+    norms' fp32 inputs, q/k/v before and after RoPE, attention's output, the gradients of
+    the LoRA outputs the hooks capture, the gated MLP's d_ff tensors), and for response
+    tokens the fp32 logits with their log-softmax and gradient (16 bytes per vocabulary
+    entry). Per example row, N_lora fp32 values: three copies of a batch's up to
+    `max_batch` rows (the einsum's parts, then the Adam direction's two buffers) and the
+    rows waiting for the projection; then the moments, one chunk of the sign matrix with
+    its bytes and gather indices, and the packed sign bits if they are kept."""
+    per_token = shape.layers * (24 * shape.d_model + 4 * shape.d_ff) * act_bytes \
+        + 16 * shape.vocab
+    rows = 4 * n_lora * (held_rows + 3 * max_batch + 2)
+    bits = n_lora * -(-proj_dim // 64) * 8
+    return (tokens * per_token + rows + 5 * chunk * proj_dim
+            + (bits if bits <= SIGN_CACHE_BYTES else 0))
+
+
+def gradient_batch_tokens(free_bytes: float, shape: ModelShape, n_lora: int, *, held_rows: int,
+                          proj_dim: int, act_bytes: int = 2, max_batch: int = 64,
+                          max_len: int = 512, fraction: float = 0.8) -> int:
+    """The largest per-batch token budget whose `gradient_memory` stays within `fraction` of
+    the free bytes (the rest for the allocator's fragmentation and estimate error), in
+    steps of 64; at least one token (a batch is then one example, whatever fits) and at
+    most max_batch·max_len, beyond which a bigger budget changes no batch."""
+    kw = dict(held_rows=held_rows, proj_dim=proj_dim, act_bytes=act_bytes,
+              max_batch=max_batch)
+    per_token = gradient_memory(1, shape, n_lora, **kw) - gradient_memory(0, shape, n_lora, **kw)
+    tokens = int((fraction * free_bytes - gradient_memory(0, shape, n_lora, **kw)) // per_token)
+    tokens = tokens // 64 * 64 if tokens >= 64 else tokens
+    return max(1, min(tokens, max_batch * max_len))
+
+
 # -- projection ---------------------------------------------------------------------------
 
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _i64(c: int) -> int:
+    """The int64 with the bits of the uint64 `c` (torch's integer arithmetic is int64)."""
+    c %= 1 << 64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> sign-extends)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def sign_words(seed: int, rows: torch.Tensor, words: int) -> torch.Tensor:
+    """int64 [len(rows), words]: word w of row i is output i·words + w of splitmix64 seeded
+    with `seed`, on `rows`' device. Counter-based, so any row range is generated alone, and
+    int64 arithmetic wraps alike on every device: the same bits everywhere."""
+    z = rows.to(torch.int64)[:, None] * words + torch.arange(words, device=rows.device)
+    z.add_(1).mul_(_i64(_GOLDEN)).add_(_i64(seed))
+    z.bitwise_xor_(_srl(z, 30)).mul_(_i64(_MIX1))
+    z.bitwise_xor_(_srl(z, 27)).mul_(_i64(_MIX2))
+    return z.bitwise_xor_(_srl(z, 31))
+
+
 class RademacherProjection:
-    """x @ R with R ∈ {±1/√k}^{n×k}, built chunk by chunk of rows from (seed, chunk index)
-    with numpy's PCG64 and packed bits: the same matrix on any machine, never held whole
-    unless it fits in `cache_bytes` of packed bits."""
+    """x @ R with R ∈ {±1/√k}^{n×k}: R[i, j] > 0 iff bit j mod 64 of `sign_words` word
+    j div 64 of row i is set. The matrix is generated on the gradients' own device, a chunk
+    of rows at a time (never held whole unless its packed bits fit in `cache_bytes`), and is
+    the same on every device, so features computed on a CPU and on a GPU agree."""
+
+    #: LESS's cache keys include it: a new matrix must never meet features of an old one
+    version = "splitmix64-1"
 
     def __init__(self, n: int, k: int, seed: int, chunk: int = 8192,
-                 cache_bytes: int = 1 << 30):
+                 cache_bytes: int = SIGN_CACHE_BYTES):
         self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
-        self._cache: dict[int, np.ndarray] | None = {} if n * k / 8 <= cache_bytes else None
-        signs = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)  # byte -> 8 signs
-        self._table = torch.from_numpy(signs.astype(np.float32) * 2 - 1) / np.sqrt(k)
+        self.words = -(-k // 64)
+        self.cached = n * self.words * 8 <= cache_bytes
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def __getstate__(self) -> dict:  # the matrix is rebuilt from the seed, not shipped
-        d = dict(self.__dict__)
-        d["_cache"] = {} if self._cache is not None else None
-        return d
+        return {**self.__dict__, "_cache": {}}
 
-    def _bits(self, c: int) -> np.ndarray:
-        if self._cache is not None and c in self._cache:
-            return self._cache[c]
-        rows = min(self.chunk, self.n - c * self.chunk)
-        rng = np.random.Generator(np.random.PCG64([self.seed, c]))
-        bits = rng.integers(0, 256, size=(rows, (self.k + 7) // 8), dtype=np.uint8)
-        if self._cache is not None:
-            self._cache[c] = bits
+    def packed(self, c: int, device: torch.device) -> torch.Tensor:
+        """uint8 [rows, 8·words]: chunk c's sign bits, byte b of a row holding columns
+        8b … 8b+7, lowest bit first."""
+        key = (str(device), c)
+        if key in self._cache:
+            return self._cache[key]
+        lo = c * self.chunk
+        rows = torch.arange(lo, min(lo + self.chunk, self.n), device=device)
+        shifts = torch.arange(0, 64, 8, device=device)
+        words = sign_words(self.seed, rows, self.words)
+        bits = ((words[..., None] >> shifts) & 255).to(torch.uint8).flatten(1)
+        if self.cached:
+            self._cache[key] = bits
         return bits
 
-    def block(self, c: int) -> torch.Tensor:
-        """Rows of R for chunk c. Each packed byte looks up its 8 signs in a 256-row table:
-        one multithreaded pass instead of unpacking bits then scaling, same values."""
-        bits = torch.from_numpy(self._bits(c)).int()
-        return F.embedding(bits, self._table).reshape(len(bits), -1)[:, :self.k]
+    def signs(self, c: int, device: torch.device) -> torch.Tensor:
+        """float32 ±1 [rows, k]: chunk c of √k·R. Each byte looks its 8 signs up in a
+        256-row table: one gather instead of unpacking bits, then scaling."""
+        table = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)
+                 & 1).float() * 2 - 1
+        bits = self.packed(c, device)
+        return F.embedding(bits.int(), table).flatten(1)[:, :self.k]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
-        for c in range((self.n + self.chunk - 1) // self.chunk):
-            lo = c * self.chunk
-            out += x[:, lo:lo + self.chunk].float() @ self.block(c)
-        return out
+    def block(self, c: int) -> torch.Tensor:
+        """Rows of R for chunk c, on the CPU."""
+        return self.signs(c, torch.device("cpu")) / math.sqrt(self.k)
+
+    def __call__(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Project [rows, n] gradients (or a list of such blocks, never concatenated: each
+        chunk of R is generated once for all of them) on their device."""
+        parts = x if isinstance(x, list) else [x]
+        device = parts[0].device
+        out = [torch.zeros(len(p), self.k, device=device) for p in parts]
+        for c in range(-(-self.n // self.chunk)):
+            s, lo = self.signs(c, device), c * self.chunk
+            for o, p in zip(out, parts, strict=True):
+                o.addmm_(p[:, lo:lo + self.chunk].float(), s)
+        return torch.cat(out).div_(math.sqrt(self.k))
