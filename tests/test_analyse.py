@@ -9,11 +9,15 @@ from ccds.analyse.fit import bootstrap_note, curve, fit_methods, lam_text
 from ccds.analyse.frontier import (
     Point,
     break_even,
+    break_even_interval,
+    empirical_break_even,
     empirical_frontier,
     fitted_frontier,
     frontier_at,
+    frontier_hull,
     group,
     joins_frontier,
+    noise_tolerance,
     overlap,
 )
 from ccds.analyse.render import unsaturated
@@ -92,6 +96,50 @@ def test_empirical_frontier_of_a_hand_made_set_is_exact():
     assert frontier_at(pts, 4.5).method == "x" and frontier_at(pts, 0.5) is None
     # ignoring selection cost, x's 0.1 run comes first (the fixed-training-budget view)
     assert empirical_frontier(pts, training_only=True)[0].method == "x"
+
+
+def test_frontier_membership_needs_more_than_the_noise():
+    """Without seeds τ is 1% of the P range: a run 0.01 better than every cheaper run (range
+    10, τ = 0.1) stays off the staircase, one 0.2 better joins. With seeds τ is their pooled
+    standard deviation."""
+    pts = [Point("r", 0.1, 0, 1, 10), Point("x", 0.1, 1, 1, 10.01), Point("r", 0.5, 0, 5, 12),
+           Point("y", 0.5, 1, 5, 12.2), Point("r", 1.0, 0, 10, 20)]
+    assert noise_tolerance(pts) == (pytest.approx(0.1), "default")
+    assert [(p.method, p.fraction) for p in empirical_frontier(pts)] == [
+        ("r", 0.1), ("r", 0.5), ("y", 0.5), ("r", 1.0)]
+    assert ("x", 0.1) in [(p.method, p.fraction) for p in empirical_frontier(pts, tol=0.0)]
+    seeds = pts + [Point("r", 0.1, 0, 1, 10.4), Point("r", 0.5, 0, 5, 11.6)]
+    tol, how = noise_tolerance(seeds)  # two cells, each of variance 0.08: pooled sd 0.283
+    assert how == "seeds" and tol == pytest.approx(np.sqrt(0.08))
+    assert ("y", 0.5) not in [(p.method, p.fraction) for p in empirical_frontier(seeds)]
+
+
+def test_upper_hull_in_log_compute():
+    """The paper's frontier: the concave envelope in (log C, P), up to the best run. The run at
+    C = 10 lies below the chord from C = 1 to C = 100 (P 10 → 14: 12 at C = 10), so it is
+    off the hull while on the staircase; the run after the best one is off both."""
+    pts = [Point("a", 0.1, 0, 1, 10), Point("a", 0.2, 0, 10, 11.9),
+           Point("b", 0.1, 0, 100, 14), Point("b", 0.2, 0, 1000, 13), Point("c", 0.1, 0, 2, 9)]
+    assert [p.total for p in frontier_hull(pts)] == [1, 100]
+    assert [p.total for p in empirical_frontier(pts, tol=0.0)] == [1, 10, 100]
+    pts.append(Point("c", 0.2, 0, 10, 12.5))  # above the chord: on the hull now
+    assert [p.total for p in frontier_hull(pts)] == [1, 10, 100]
+
+
+def test_empirical_break_even_is_exact_and_its_interval_is_seeded_by_method():
+    """The expensive run (selection 0.6, training 0.2, P 13) beats every cheap run cheaper
+    than 0.5 by more than τ, and is beaten at 0.5: it joins once 0.6/r + 0.2 < 0.5, r > 2."""
+    cheap = [Point("cheap", x, 0.0, x, p) for x, p in ((0.05, 10), (0.2, 11), (0.5, 13.5),
+                                                       (1.0, 15))]
+    pts = cheap + [Point("exp", 0.2, 0.6, 0.2, 13.0)]
+    assert empirical_break_even(pts, "exp") == pytest.approx(2.0)
+    assert empirical_break_even(pts, "exp", max_factor=1.5) is None
+    assert empirical_break_even(cheap + [Point("exp", 0.2, 0.6, 0.2, 10.5)], "exp") is None
+    iv = break_even_interval(pts, "exp", 1.0, resamples=12, share="pbar")
+    again = break_even_interval(pts[::-1], "exp", 1.0, resamples=12, share="pbar")
+    assert iv == again and iv["resamples"] == 12 and iv["failed"] == 0
+    lo, hi = iv["empirical_interval"]
+    assert lo <= 2.0 and (hi is None or hi >= 2.0)
 
 
 def test_break_even_ratio_of_a_closed_form_case():

@@ -75,7 +75,11 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
         fr = g["frontier_training_only" if training_only else "frontier"]
         xs = [p["training"] if training_only else p["selection"] + p["training"] for p in fr]
         ax.step(xs + [max(xs) * 1.2], [p["perf"] for p in fr] + [fr[-1]["perf"]], where="post",
-                color="k", lw=1.5, ls="--", label="frontier", zorder=2)
+                color="k", lw=1.5, ls="--", label="frontier (beyond noise)", zorder=2)
+        hull = [] if training_only else g.get("frontier_hull") or []
+        if hull:
+            ax.plot([p["selection"] + p["training"] for p in hull], [p["perf"] for p in hull],
+                    color="k", lw=1, alpha=0.5, label="upper hull in log C (paper)", zorder=2)
         if g.get("zero_shot") is not None:
             ax.axhline(g["zero_shot"], color="grey", lw=1, ls=":", label="zero-shot (P0)")
         ax.set_xscale("log")
@@ -124,6 +128,17 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
     return files
 
 
+def ratio_text(r) -> str:
+    return "not within 10⁴x" if r is None else f"{r:.3g}x"
+
+
+def interval_text(iv) -> str:
+    """[lo, hi] of a break-even ratio; None ends never break even within 10⁴x."""
+    lo, hi = iv
+    return ("[never within 10⁴x]" if lo is None else
+            f"[{lo:.3g}x, {'not within 10⁴x' if hi is None else f'{hi:.3g}x'}]")
+
+
 FIT_HEADERS = ["method", "λ (per C_full)", "λ 95%", "P0", "P̄", "R²", "selection / C_full"]
 
 
@@ -153,16 +168,44 @@ def markdown(report: dict) -> str:
                           "(P̄ − P0)·λ is meaningful; add larger fractions, or share P̄.", ""]
         fr = ", ".join(map(run_label, g["frontier"]))
         lines += [f"Compute-optimal frontier (runs): {fr}.", ""]
+        tol = g.get("frontier_tolerance")
+        if tol:
+            lines += ["A run is on it only if it beats every cheaper run's P by more than "
+                      f"τ = {tol['value']:.3g}: "
+                      + ("the seeds' spread (pooled standard deviation of P over runs of one "
+                         "method and fraction)." if tol["from"] == "seeds" else
+                         "1% of the runs' P range (no seeds to measure the noise)."), ""]
+        if g.get("frontier_hull"):
+            lines += ["Upper hull in (log C, P), the frontier as the paper draws it: "
+                      + ", ".join(map(run_label, g["frontier_hull"])) + ".", ""]
         fr2 = ", ".join(map(run_label, g["frontier_training_only"]))
         lines += [f"Frontier ignoring selection cost: {fr2}.", ""]
         if g.get("fitted_frontier_methods"):
             lines += ["Fitted frontier made of: " + ", ".join(g["fitted_frontier_methods"]) + ".",
                       ""]
+        detail = g.get("break_even_detail") or {}
+        if detail:
+            lines += ["Break-even ratio r (trained model r× the selection model, or tasks "
+                      "sharing one selection), 95% bootstrap interval in brackets: fitted, the "
+                      "smallest r at which the method's fitted curve beats every cheaper "
+                      "method's somewhere; empirical, the smallest r at which one of its runs "
+                      "joins the frontier above.", ""]
         for m, r in (g.get("break_even") or {}).items():
             txt = (r if isinstance(r, str) else "already on the frontier" if r == 1 else
                    f"{r:.3g}x (or shared by {int(np.ceil(r))} tasks)" if r else
                    "not within 10⁴x")
-            lines.append(f"- break-even for {m}: {txt}")
+            d = detail.get(m) or {}
+            lines.append(f"- break-even for {m}: {txt}"
+                         + (f" {interval_text(d['fitted_interval'])}"
+                            if d.get("fitted_interval") else "")
+                         + (f"; empirical {ratio_text(d['empirical'])}" if d else "")
+                         + (f" {interval_text(d['empirical_interval'])}"
+                            if d.get("empirical_interval") else ""))
+        for m, d in detail.items():
+            if m not in (g.get("break_even") or {}):
+                lines.append(f"- break-even for {m}: empirical {ratio_text(d['empirical'])}"
+                             + (f" {interval_text(d['empirical_interval'])}"
+                                if d.get("empirical_interval") else ""))
         lines.append("")
         for f, o in g["overlap"].items():
             pairs = [f"{a}–{b} {o['jaccard'][i][j]:.0%}" for i, a in enumerate(o["methods"])

@@ -17,8 +17,21 @@ from ..errors import CcdsError
 from ..io import atomic_path, write_json, write_text
 from ..store import Store
 from .fit import fit_methods
-from .frontier import Point, break_even, empirical_frontier, fitted_frontier, group, overlap
+from .frontier import (
+    Point,
+    break_even,
+    break_even_interval,
+    empirical_break_even,
+    empirical_frontier,
+    fitted_frontier,
+    frontier_hull,
+    group,
+    noise_tolerance,
+    overlap,
+)
 from .render import html, markdown, plot_group
+
+BREAK_EVEN_RESAMPLES = 20  # the break-even interval's resamples (at most `bootstrap`)
 
 
 def load_points(runs: list[dict], convention: str) -> dict[tuple[str, str], list[Point]]:
@@ -76,7 +89,12 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
 
 
 def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta,
-                  zero_shot: float | None = None) -> dict:
+                  zero_shot: float | None = None, break_even_resamples: int | None = None
+                  ) -> dict:
+    """One (target, model): fits, the frontiers (staircase beyond noise and upper hull), and
+    each costly method's break-even ratio by the fitted curves and by the empirical frontier,
+    with bootstrap intervals over `break_even_resamples` resamples (default
+    min(bootstrap, BREAK_EVEN_RESAMPLES); 0: none)."""
     g: dict = {"target": target, "model": model, "c_full": c_full, "runs": len(pts),
                "zero_shot": zero_shot, "fits": {}, "fit_error": None, "methods": {}}
     methods = sorted({p.method for p in pts})
@@ -95,20 +113,35 @@ def analyze_group(target, model, pts, c_full, share, bootstrap, full_meta,
     except CcdsError as e:
         g["fit_error"] = str(e)
         fits = {}
-    g["frontier"] = [vars(p) for p in empirical_frontier(pts)]
-    g["frontier_training_only"] = [vars(p) for p in empirical_frontier(pts, training_only=True)]
+    tol, how = noise_tolerance(pts)
+    g["frontier_tolerance"] = {"value": tol, "from": how}
+    g["frontier"] = [vars(p) for p in empirical_frontier(pts, tol=tol)]
+    g["frontier_training_only"] = [vars(p) for p in empirical_frontier(pts, training_only=True,
+                                                                       tol=tol)]
+    g["frontier_hull"] = [vars(p) for p in frontier_hull(pts)]
+    n_be = (min(bootstrap, BREAK_EVEN_RESAMPLES) if break_even_resamples is None
+            else break_even_resamples)
+    costly = [m for m in methods if g["methods"][m]["selection_share"] > 0.01]
     if fits:
         grid = np.geomspace(min(p.total for p in pts), max(p.total for p in pts), 60)
         _, who = fitted_frontier(fits, grid)
         g["fitted_frontier_methods"] = sorted(set(who))
         g["break_even"] = {}
-        for m in methods:
-            if g["methods"][m]["selection_share"] > 0.01:
-                try:
-                    g["break_even"][m] = break_even(pts, m, c_full, share=share,
-                                                    p0=zero_shot)
-                except CcdsError as e:
-                    g["break_even"][m] = f"not computable: {e}"
+    g["break_even_detail"] = {}
+    for m in costly:
+        d: dict = {"empirical": empirical_break_even(pts, m, tol=tol)}
+        if fits:
+            try:
+                g["break_even"][m] = d["fitted"] = break_even(pts, m, c_full, share=share,
+                                                              p0=zero_shot)
+            except CcdsError as e:
+                g["break_even"][m] = d["fitted"] = f"not computable: {e}"
+        if n_be:
+            d.update(break_even_interval(pts, m, c_full, resamples=n_be, tol=tol,
+                                         fitted=bool(fits) and not isinstance(d.get("fitted"),
+                                                                              str),
+                                         share=share, p0=zero_shot))
+        g["break_even_detail"][m] = d
     return g
 
 
