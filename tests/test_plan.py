@@ -72,3 +72,27 @@ def test_plan_command_reads_sizes_as_typed():
              "--pool-tokens", "100M")
     assert r.returncode == 0, r.stderr
     assert "training 7e+10 params, selection 7e+09, pool 1e+08 tokens" in r.stdout
+
+
+def test_budget_in_gpu_hours_is_priced_like_cost():
+    """`ccds plan --budget 64 --unit gpu-hours --device h100 --mfu 0.5` plans with
+    64 h x 3600 s x 989 TFLOP/s x 0.5 FLOPs and prints hours beside FLOPs."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "ccds", "plan", "--budget", "64", "--train-model", "7B",
+            "--selection-model", "7B", "--pool-tokens", "1e8"]
+    r = subprocess.run([*args, "--unit", "gpu-hours", "--device", "h100", "--mfu", "0.5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"budget 64 GPU-hours = {64 * 3600 * 989e12 * 0.5:.3g} FLOPs on "
+                            "h100 at MFU 0.5 (given)")
+    assert "GPU-h" in r.stdout.splitlines()[1]
+    same = subprocess.run([*args[:5], f"{64 * 3600 * 989e12 * 0.5!r}", *args[6:]],
+                          capture_output=True, text=True)
+    assert r.stdout.splitlines()[2].split()[:2] == same.stdout.splitlines()[2].split()[:2]
+    for bad in (["--unit", "gpu-hours"], ["--mfu", "0.5"],
+                ["--unit", "gpu-hours", "--device", "h100", "--mfu", "1.5"]):
+        e = subprocess.run([*args, *bad], capture_output=True, text=True)
+        assert e.returncode == 2 and e.stderr.count("\n") == 1, (bad, e.stderr)

@@ -260,8 +260,19 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
                                                           "with default parameters)")] = None,
              train_model: Annotated[str, Opt(help="model to be fine-tuned")] = "smollm2-135m",
              fractions: Annotated[str, Opt(help="comma-separated")] = "0.025,0.05,0.1,0.25,0.5,1",
-             epochs: Annotated[float, Opt()] = 1.0):
-    """Price selection and training in FLOPs without running anything."""
+             epochs: Annotated[float, Opt()] = 1.0,
+             device: Annotated[Literal["h100", "h200", "a100"] | None,
+                               Opt(help="also price each stage in hours of this GPU at its "
+                                        "dense bf16 peak")] = None,
+             mfu: Annotated[float | None, Opt(help="model FLOPs utilisation in (0, 1] for "
+                                                   "--device (default: what benchmarks/gpu.py "
+                                                   "measured for the stage, else 0.40)")] = None,
+             gpu_results: Annotated[Path | None, Opt(help="benchmarks/gpu.py results with the "
+                                                          "measured MFU (default: this "
+                                                          "checkout's benchmarks/results/"
+                                                          "gpu.json, if there)")] = None):
+    """Price selection and training in FLOPs (and GPU-hours with --device) without running
+    anything."""
     from rich.console import Console
     from rich.table import Table
 
@@ -278,18 +289,44 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or h
                         "e.g. --fractions 0.05,0.1,1")
     if not epochs > 0:
         raise CcdsError(f"--epochs {epochs} must be positive")
+    if device is None and (mfu is not None or gpu_results is not None):
+        raise CcdsError("--mfu and --gpu-results price GPU-hours, which need --device", None,
+                        "add --device h100, h200 or a100")
     examples = _load_pool(pool)
     tgt = _load_target(target) if target else None
     full = training_cost(examples, TrainConfig(model=train_model, epochs=epochs))
-    table = Table(title=f"FLOPs for {len(examples):,} examples ({full.tokens:,} tokens); "
-                        f"training {train_model} with LoRA, {epochs:g} epoch(s)")
+    title = (f"FLOPs for {len(examples):,} examples ({full.tokens:,} tokens); "
+             f"training {train_model} with LoRA, {epochs:g} epoch(s)")
+    # (stage, FLOPs (ccds) or None, paper FLOPs cell, the GPU pass its hours are priced by)
+    rows: list[tuple[str, float | None, str, str]] = [
+        (f"train on {f:.1%}", full.analytic * f, f"{full.paper * f:.3e}", "train") for f in fr]
+    for name, c in selection_costs(method or sorted(REGISTRY), examples, tgt).items():
+        rows.append((f"select: {name}", c, "", "less" if name == "less" else "score"))
+    per_stage: dict[str, float] = {}
+    if device is not None:
+        from .flops import DEVICE_PEAK_FLOPS, gpu_mfu
+        from .models import counts_without_weights
+
+        per_stage, source = gpu_mfu(mfu, gpu_results,
+                                    counts_without_weights(train_model)["total"])
+        title += (f"; GPU-hours on one {device.upper()} "
+                  f"({DEVICE_PEAK_FLOPS[device] / 1e12:.0f} TFLOP/s dense bf16) at MFU {source}")
+    table = Table(title=title)
     table.add_column("stage")
     table.add_column("FLOPs (ccds)", justify="right")
     table.add_column("FLOPs (paper 6·N·T)", justify="right")
-    for f in fr:
-        table.add_row(f"train on {f:.1%}", f"{full.analytic * f:.3e}", f"{full.paper * f:.3e}")
-    for name, c in selection_costs(method or sorted(REGISTRY), examples, tgt).items():
-        table.add_row(f"select: {name}", "needs --target" if c is None else f"{c:.3e}", "")
+    if device is not None:
+        one = set(per_stage.values())
+        table.add_column(f"GPU-hours ({device}, MFU "
+                         f"{f'{one.pop():g}' if len(one) == 1 else 'measured'})", justify="right")
+    for label, flops, paper, gpu_stage in rows:
+        cells = [label, "needs --target" if flops is None else f"{flops:.3e}", paper]
+        if device is not None:
+            from .flops import gpu_hours
+
+            cells.append("" if flops is None else
+                         f"{gpu_hours(flops, device, per_stage[gpu_stage]):.3g}")
+        table.add_row(*cells)
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
@@ -345,7 +382,16 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, 
 
 
 @app.command("plan")
-def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + training")],
+def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + training, in "
+                                              "--unit")],
+             unit: Annotated[Literal["flops", "gpu-hours"], Opt(help="of --budget; gpu-hours "
+                                                                     "needs --device")]
+             = "flops",
+             device: Annotated[Literal["h100", "h200", "a100"] | None,
+                               Opt(help="GPU that hours are counted on (as `ccds cost`)")]
+             = None,
+             mfu: Annotated[float | None, Opt(help="model FLOPs utilisation in (0, 1] (default: "
+                                                   "benchmarks/gpu.py's, else 0.40)")] = None,
              train_model: Annotated[str | None, Opt(help="model to fine-tune: name or size "
                                                          "(7B, 1.5B, 135M, 7e9)")] = None,
              selection_model: Annotated[str | None, Opt(help="model that scores: name or "
@@ -379,20 +425,38 @@ def plan_cmd(budget: Annotated[float, Opt(help="total FLOPs for selection + trai
     n_sel = model_size(selection_model) if selection_model else defaults["--selection-model"]
     n_tokens = (parse_count(pool_tokens, "--pool-tokens") if pool_tokens
                 else defaults["--pool-tokens"])
+    rate, said = None, ""
+    if unit == "gpu-hours" and device is None:
+        raise CcdsError("--unit gpu-hours needs --device", None, "add --device h100, h200 or a100")
+    if device is not None:  # FLOPs per GPU-second, priced at the training pass's MFU
+        from .flops import DEVICE_PEAK_FLOPS, gpu_mfu
+
+        per_stage, source = gpu_mfu(mfu, None, n_train)
+        rate = DEVICE_PEAK_FLOPS[device] * per_stage["train"]
+        said = f" = {budget * 3600 * rate if unit == 'gpu-hours' else budget / rate / 3600:.3g} " \
+               f"{'FLOPs' if unit == 'gpu-hours' else 'GPU-hours'} on {device} at MFU {source}"
+    elif mfu is not None:
+        raise CcdsError("--mfu prices GPU-hours, which need --device", None,
+                        "add --device h100, h200 or a100")
+    hours = budget if unit == "gpu-hours" else None
+    if hours is not None:
+        budget = hours * 3600 * rate
     if fits is not None:
         models, c_full_k = from_fits(fits)
         source = f"fits from {fits}"
     else:
         models, source = paper_prior(n_train), PAPER_PRIOR["source"]
     options, out = plan(budget, n_train, n_sel, n_tokens, models, tasks, c_full_k)
-    typer.echo(f"budget {budget:.3g} FLOPs; training {n_train:.3g} params, selection "
+    given = f"{hours:.3g} GPU-hours" if hours is not None else f"{budget:.3g} FLOPs"
+    typer.echo(f"budget {given}{said}; training {n_train:.3g} params, selection "
                f"{n_sel:.3g}, pool {n_tokens:.3g} tokens, {tasks} task(s)")
     typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
-               f"{'predicted':>11}")
+               + (f"{'GPU-h':>9}" if rate else "") + f"{'predicted':>11}")
     for o in options:
         iv = f" [{o.interval[0]:.2f}, {o.interval[1]:.2f}]" if o.interval else ""
+        gpu_h = f"{o.total / rate / 3600:>9.3g}" if rate else ""
         typer.echo(f"{o.method:<18}{o.fraction:>9.1%}{o.selection_flops:>12.3g}"
-                   f"{o.training_flops:>12.3g}{o.total:>12.3g}{o.predicted:>11.2f}{iv}")
+                   f"{o.training_flops:>12.3g}{o.total:>12.3g}{gpu_h}{o.predicted:>11.2f}{iv}")
     for m, why in out:
         typer.echo(f"{m:<18}ruled out: {why}")
     typer.echo("")
@@ -458,7 +522,7 @@ def eval_cmd(
 
     targets = [_load_target(t) for t in target]
     rt = pick_runtime("auto", dtype)
-    m, tok, _ = load_causal_lm(model)
+    m, tok, _ = load_causal_lm(model, runtime=rt)
     if adapter is not None:
         m = load_adapter(m, adapter)
     rt.place(m)

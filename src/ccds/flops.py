@@ -356,3 +356,81 @@ def _rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- GPU-hours ----------------------------------------------------------------------------
+
+Device = Literal["h100", "h200", "a100"]
+GpuStage = Literal["score", "less", "train"]
+
+# Dense bf16 tensor-core peaks, no sparsity, from NVIDIA's datasheets (H100 SXM, H200 SXM,
+# A100 SXM 80GB; the datasheets' larger figures assume 2:4 sparsity; PCIe cards peak lower).
+DEVICE_PEAK_FLOPS: dict[Device, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+DEFAULT_MFU = 0.40  # assumed when nothing was measured
+
+
+def gpu_hours(flops: float, device: Device, mfu: float) -> float:
+    """Hours of one GPU that `flops` take at `mfu` of the device's dense bf16 peak."""
+    return flops / (DEVICE_PEAK_FLOPS[device] * mfu) / 3600
+
+
+def device_of(name: str) -> Device | None:
+    """The table's key for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100")."""
+    low = name.lower()
+    return next((d for d in DEVICE_PEAK_FLOPS if d in low), None)
+
+
+def measured_mfu(results: dict[str, Any], stage: GpuStage, n_params: float) -> float | None:
+    """The MFU benchmarks/gpu.py measured for `stage` on the model closest in size to
+    `n_params` (log scale): what a pass of that kind reached on real hardware, as a fraction
+    of the datasheet peak that `gpu_hours` divides by (of the measured matmul peak for a
+    GPU the table lacks). None if that stage was not measured."""
+    best: tuple[float, float] | None = None
+    for m in results.get("models", {}).values():
+        s = m.get("stages", {}).get(stage, {})
+        size, mfu = m.get("params_total"), s.get("mfu_datasheet") or s.get("mfu")
+        if s.get("status") != "ok" or not mfu or not size:
+            continue
+        gap = abs(math.log(size / max(n_params, 1.0)))
+        if best is None or gap < best[0]:
+            best = (gap, float(mfu))
+    return None if best is None else best[1]
+
+
+def mfu_by_stage(mfu: float | None, results: dict[str, Any] | None, n_params: float
+                 ) -> tuple[dict[GpuStage, float], str]:
+    """The MFU to price each GPU pass at, and where it comes from (said in `ccds cost`'s
+    title): `mfu` if given, else what benchmarks/gpu.py measured (`results`) on the model
+    nearest in size, else DEFAULT_MFU. A smoke run's figures (a CPU) price nothing."""
+    stages: tuple[GpuStage, ...] = ("score", "less", "train")
+    if mfu is not None:
+        return dict.fromkeys(stages, mfu), f"{mfu:g} (given)"
+    if not results or results.get("smoke"):
+        return dict.fromkeys(stages, DEFAULT_MFU), f"{DEFAULT_MFU:g} (assumed)"
+    got = {s: measured_mfu(results, s, n_params) for s in stages}
+    per = {s: DEFAULT_MFU if v is None else v for s, v in got.items()}
+    said = ", ".join(f"{s} {per[s]:.2f}" + (" assumed" if got[s] is None else "")
+                     for s in stages)
+    return per, f"measured on {results.get('device', 'a GPU')} by benchmarks/gpu.py: {said}"
+
+
+GPU_RESULTS = "benchmarks/results/gpu.json"  # where benchmarks/gpu.py writes, in a checkout
+
+
+def gpu_mfu(mfu: float | None, results_path: os.PathLike | str | None, n_params: float
+            ) -> tuple[dict[GpuStage, float], str]:
+    """`mfu_by_stage` from benchmarks/gpu.py's results file: `results_path`, else this
+    checkout's GPU_RESULTS if there (ccds installed from a wheel has none: the default MFU)."""
+    from pathlib import Path
+
+    from .errors import CcdsError
+    from .io import read_json
+
+    if mfu is not None and not 0 < mfu <= 1:
+        raise CcdsError(f"--mfu {mfu} must be in (0, 1]", None, "e.g. --mfu 0.4")
+    if results_path is not None and not Path(results_path).is_file():
+        raise CcdsError("no such file", str(results_path), "run benchmarks/gpu.py on a GPU, "
+                        "or leave --gpu-results out")
+    path = Path(results_path or Path(__file__).resolve().parents[2] / GPU_RESULTS)
+    results = read_json(path) if mfu is None and path.is_file() else None
+    return mfu_by_stage(mfu, results, n_params)
