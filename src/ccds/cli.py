@@ -117,8 +117,8 @@ def data_stats(pool: Annotated[str, typer.Argument(help="pool file, folder or hu
 
 # The registered selection methods (ccds.score.REGISTRY), named here because importing the
 # methods imports torch, which would make every --help slow; a test keeps them equal.
-METHODS = ("random", "bm25", "embed", "ppl", "less", "cascade", "s2l", "least_confidence",
-           "mid_ppl", "learnability", "facility_location", "curriculum")
+METHODS = ("random", "bm25", "dsir", "embed", "ppl", "less", "cascade", "s2l",
+           "least_confidence", "mid_ppl", "learnability", "facility_location", "curriculum")
 MethodOpt = Annotated[str, Opt(help=f"selection method: {', '.join(METHODS)}")]
 ParamOpt = Annotated[list[str] | None, Opt(help="method parameter name=value (repeatable)")]
 

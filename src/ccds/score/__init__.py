@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (registers)
     cascade,
     confidence,
     curriculum,
+    dsir,
     embed,
     facility,
     learnability,
