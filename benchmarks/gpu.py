@@ -40,10 +40,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ccds.data.types import Example  # noqa: E402
-from ccds.flops import DEVICE_PEAK_FLOPS, Meter, Stage, device_of  # noqa: E402
+from ccds.flops import (  # noqa: E402
+    DEVICE_PEAK_FLOPS,
+    GPU_SAMPLED_BATCHES,
+    Meter,
+    Stage,
+    device_of,
+)
 from ccds.io import write_json, write_text  # noqa: E402
 from ccds.lm import score_sequences  # noqa: E402
-from ccds.models import Runtime, add_lora, param_counts  # noqa: E402
+from ccds.models import Runtime, add_lora, batch_budget, param_counts  # noqa: E402
 from ccds.score.less import LESS, RademacherProjection, lora_names  # noqa: E402
 from ccds.score.ppl import PPLParams  # noqa: E402
 from ccds.tokenize import Encoded  # noqa: E402
@@ -232,10 +238,12 @@ class Bench:
 
     @property
     def score_tokens(self) -> int:
-        return PPLParams().batch_tokens  # what `ccds score --method ppl` batches by
+        # what `ccds score --method ppl` batches by: from free memory unless set
+        return PPLParams().batch_tokens or batch_budget(self.model, self.rt)
 
     def score_metered(self, enc: Encoded) -> Stage:
-        """Scoring with FlopCounterMode on, as ccds runs by default: its cost on this device."""
+        """Scoring metered as ccds meters by default (op by op on a stage's first
+        GPU_SAMPLED_BATCHES batches, then not at all off the CPU): its cost on this device."""
         return self.score(enc, measure=True)
 
     def prepare(self, stage: str) -> None:
@@ -551,7 +559,8 @@ def markdown(res: dict) -> str:
     for name, m in res["models"].items():
         plain, metered = m["stages"].get("score", {}), m["stages"].get("score_metered", {})
         if plain.get("tokens_per_s") and metered.get("tokens_per_s"):
-            lines += ["", f"Metering FLOPs (FlopCounterMode) while scoring {name} runs at "
+            lines += ["", f"Metering FLOPs as ccds does by default (op by op on the first "
+                      f"{GPU_SAMPLED_BATCHES} batches off the CPU) while scoring {name} runs at "
                       f"{metered['tokens_per_s'] / plain['tokens_per_s']:.0%} of the "
                       "unmetered speed."]
     if res["targets"]:

@@ -190,3 +190,36 @@ def test_generation_sees_the_window(family, kw):
                              pad_token_id=0)
     analytic = generation_flops(param_counts(model), [12], [out.shape[1] - 12])
     assert abs(analytic / c.total - 1) < 0.05
+
+
+def test_sampled_metering_counts_the_first_batches_then_lets_go(tiny):
+    """Issue 22, defect 6: off the CPU a stage counts op by op only on its first batches
+    (the hook on every op would cost throughput and block CUDA graphs), then no dispatch
+    mode is left on the stack; the measured total is the sample scaled by the analytic
+    count and agrees with a full count. A CPU meter still counts everything."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from ccds.flops import GPU_SAMPLED_BATCHES
+
+    model, tok, _ = tiny
+    batches = [_batch(tok, n=2 + i % 3, words=10 + 7 * i) for i in range(6)]
+    modes, stages = [], {}
+    for sample in (None, 2):
+        with Meter("fwd", "selection", param_counts(model), sample=sample) as m, \
+                torch.no_grad():
+            for b in batches:
+                modes.append((sample, _get_current_dispatch_mode()))
+                response_nll(model, b)
+                m.forward(b)
+        stages[sample] = m.stage
+    full, sampled = stages[None], stages[2]
+    assert all(isinstance(md, FlopCounter) for s, md in modes if s is None)
+    seen = [md for s, md in modes if s == 2]
+    assert all(isinstance(md, FlopCounter) for md in seen[:2]) and seen[2:] == [None] * 4
+    assert sampled.detail["measured_on"]["batches"] == 2
+    assert sampled.detail["measured_on"]["of"] == 6
+    assert sampled.analytic_flops == full.analytic_flops
+    assert abs(sampled.measured_flops / full.measured_flops - 1) < 0.05
+    assert "measured_on" not in full.detail
+    gpu = Meter("x", "selection", device=torch.device("cuda"))
+    assert gpu.sample == GPU_SAMPLED_BATCHES and Meter("x", "selection").sample is None

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, na
 
 
 def _stats_pass():
-    return SequenceStats(lambda: causal_lm("smollm2-135m"), max_len=256)
+    return SequenceStats(partial(causal_lm, "smollm2-135m"), max_len=256)
 
 
 def test_killed_worker_node_and_resume(cluster, data, tmp_path, figure):

@@ -143,7 +143,7 @@ def test_gradient_checkpointing_is_on_and_trains_the_same(tiny_model_dir, tmp_pa
 def test_execution_settings_keep_the_resume_key(tiny_model_dir, tmp_path):
     """A run killed with checkpointing off resumes with it on: an EXECUTION setting does not
     change what is trained, so it is not part of the run's identity."""
-    assert {"gradient_checkpointing", "attn"} == TrainConfig.EXECUTION
+    assert {"gradient_checkpointing", "attn", "micro_tokens"} == TrainConfig.EXECUTION
     assert set(TrainConfig.model_fields) >= TrainConfig.EXECUTION
     model, tok, _ = load_causal_lm(str(tiny_model_dir))
     train(_examples(), _cfg(checkpoints=2), model=model, tokenizer=tok, out=tmp_path / "a",

@@ -19,7 +19,7 @@ from .data.types import Example, Target
 from .flops import Ledger, Meter
 from .io import bar
 from .lm import option_logprobs, plain_head, score_sequences
-from .models import Runtime, param_counts
+from .models import Runtime, batch_budget, param_counts
 from .tokenize import Encoded, Formatter, encode_pairs, length_batches
 
 
@@ -28,7 +28,8 @@ class EvalConfig(BaseModel):
     shots: int = Field(0, ge=0, description="k-shot prompting from the first k of V")
     max_examples: int | None = Field(None, ge=1, description="cap on T (first n)")
     max_len: int = Field(1024, ge=8)
-    batch_tokens: int = Field(8192, ge=16)
+    batch_tokens: int = Field(8192, ge=16, description="the most tokens per batch (fewer on "
+                              "a GPU whose free memory cannot hold them for this model)")
     generate: bool = Field(True, description="run exact match when the target asks for it")
     max_new_tokens: int = Field(128, ge=1)
     gen_batch: int = Field(64, ge=1, description="decoding is memory-bound: batch wide")
@@ -59,18 +60,19 @@ def evaluate(model, tokenizer, target: Target, cfg: EvalConfig | None = None, *,
         enc = encode_pairs(prompts, responses, tokenizer, cfg.max_len, shots=shots)
         owner_a = np.asarray(owner)
         desc = progress and f"{progress} {target.name}"
+        budget = min(cfg.batch_tokens, batch_budget(model, runtime, default=cfg.batch_tokens))
         one_token = _one_token_options(enc, owner_a, test) if plain_head(model) else None
         if one_token is not None:  # the prompt is shared: one forward per question
             first, cands = one_token
             sub = Encoded([enc.ids[r] for r in first], enc.n_prompt[first], enc.n_suffix[first])
             lps = option_logprobs(model, sub, cands, tokenizer.pad_token_id, runtime,
-                                  max_tokens=cfg.batch_tokens, progress=desc, meter=meter)
+                                  max_tokens=budget, progress=desc, meter=meter)
             nll, count = np.zeros(len(owner)), np.ones(len(owner))
             for i, lp in enumerate(lps):
                 nll[first[i]:first[i] + len(lp)] = -lp
         else:
             s = score_sequences(model, enc, tokenizer.pad_token_id, runtime,
-                                max_tokens=cfg.batch_tokens, progress=desc, meter=meter)
+                                max_tokens=budget, progress=desc, meter=meter)
             nll, count = s["nll_sum"], np.maximum(s["n_tokens"], 1)
         gold_nll, gold_tok, correct, n_mc = [], [], 0, 0
         for i, e in enumerate(test):

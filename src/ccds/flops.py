@@ -14,7 +14,10 @@ Two analytic conventions are kept side by side:
   parameters (active ones for a mixture-of-experts): 2·N·T to score, 6·N·T to train (LoRA
   or not), no attention term.
 Measured counts come from torch's FLOP formulas (those of FlopCounterMode) applied to every op
-that actually ran. torch has no formula for the fused CPU attention kernel nor for the
+that actually ran: on the CPU all of them; on a GPU those of a stage's first
+`GPU_SAMPLED_BATCHES` batches, scaled to the stage by the analytic count (a Python hook on
+every op would cost throughput and keep CUDA graphs from being captured; the stage's detail
+says what was counted). torch has no formula for the fused CPU attention kernel nor for the
 grouped matmul transformers runs a mixture-of-experts with (both count 0), so ccds registers
 them below.
 """
@@ -31,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 from torch.utils.flop_counter import flop_registry
 
 Kind = Literal["selection", "training", "evaluation"]
@@ -70,6 +74,9 @@ def _register_grouped_mm() -> None:
 
 
 _register_grouped_mm()
+
+
+GPU_SAMPLED_BATCHES = 8  # batches a stage counts op by op off the CPU (Meter)
 
 
 class FlopCounter(TorchDispatchMode):
@@ -231,20 +238,29 @@ class Meter:
     """
 
     def __init__(self, name: str, kind: Kind, params: dict[str, int] | None = None,
-                 measure: bool = True, device: torch.device | None = None):
+                 measure: bool = True, device: torch.device | None = None,
+                 sample: int | None = None):
         self.stage = Stage(name, kind)
         self.params = params
         self.measure = measure
         self.device = device or torch.device("cpu")
+        # off the CPU, FlopCounter's Python hook on every op costs throughput and keeps
+        # graphs from being captured: count the first batches, then let go of every op
+        self.sample = sample if sample is not None else (
+            None if self.device.type == "cpu" else GPU_SAMPLED_BATCHES)
         self.work = Work()
         self._counted = 0.0
+        self._batch_analytic = [0.0, 0.0]  # analytic FLOPs of reported batches: all, counted
+        self._batches = [0, 0]  # reported batches: all, while counting
+        self._sampled: float | None = None  # what the counter saw, once it stopped
+        self._counter: FlopCounter | None = None  # while entered, if measuring
         self.remote_measured = 0.0
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Meter:
         self._counter = FlopCounter() if self.measure else None
         if self._counter is not None:
-            self._stack.enter_context(self._counter)
+            self._counter.__enter__()
         self._mem = self._stack.enter_context(_PeakMemory(self.device))
         self._t0 = time.perf_counter()
         return self
@@ -253,10 +269,33 @@ class Meter:
         self.stage.wall_s = time.perf_counter() - self._t0
         self._stack.close()
         if self._counter is not None:
-            self.stage.measured_flops = float(self._counter.total) + self._counted
+            if self._sampled is None:
+                self._counter.__exit__(*exc)
+                self.stage.measured_flops = float(self._counter.total) + self._counted
+            else:  # counted on a sample of batches: scaled to all of them by the analytic
+                (a_all, a_seen), (n_all, n_seen) = self._batch_analytic, self._batches
+                scale = a_all / a_seen if a_seen else 1.0
+                self.stage.measured_flops = self._sampled * scale + self._counted
+                self.stage.detail["measured_on"] = {
+                    "batches": n_seen, "of": n_all, "counted_flops": self._sampled,
+                    "analytic_flops": a_seen}
         self.stage.peak_mem_mb = self._mem.peak_mb
         self.stage.tokens = self.work.tokens
         self.stage.padded_tokens = self.work.padded_tokens
+
+    def _batch(self, analytic: float) -> None:
+        """A reported batch's analytic FLOPs; the counter stops after `sample` batches, if
+        it is the innermost mode (a nested meter's counter keeps it until that one ends)."""
+        self._batch_analytic[0] += analytic
+        self._batches[0] += 1
+        if self._counter is None or self._sampled is not None:
+            return
+        self._batch_analytic[1] += analytic
+        self._batches[1] += 1
+        if (self.sample is not None and self._batches[1] >= self.sample
+                and _current_dispatch_mode() is self._counter):
+            self._counter.__exit__(None, None, None)
+            self._sampled = float(self._counter.total)
 
     def _record(self, batch, suffix: bool, head: bool = True) -> Work:
         lengths = batch.attention_mask.sum(1).tolist()
@@ -272,17 +311,20 @@ class Meter:
         `head=False`: hidden states only, no LM head."""
         assert self.params is not None
         w = self._record(batch, suffix, head)
-        self.stage.analytic_flops += forward_flops(self.params, w)
+        flops = forward_flops(self.params, w)
+        self.stage.analytic_flops += flops
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=False)
+        self._batch(flops)
 
     def lora_step(self, batch, full: bool = False) -> None:
         """Forward and backward of a training step (loss on response and suffix): LoRA, or
         every weight trained if `full`."""
         assert self.params is not None
         w = self._record(batch, suffix=True)
-        self.stage.analytic_flops += (full_step_flops if full else lora_step_flops)(
-            self.params, w)
+        flops = (full_step_flops if full else lora_step_flops)(self.params, w)
+        self.stage.analytic_flops += flops
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=True)
+        self._batch(flops)
 
     def generation(self, prompt_lens, new_lens) -> None:
         assert self.params is not None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import Runtime
+from .models import Runtime, batch_budget
 from .tokenize import Batch, Encoded, collate, length_batches
 
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -85,17 +85,19 @@ def response_nll(model, batch: Batch, suffix: bool = False
 
 @torch.no_grad()
 def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
-                    max_tokens: int = 4096, progress: str | None = None,
+                    max_tokens: int | None = None, progress: str | None = None,
                     meter=None) -> dict[str, np.ndarray]:
     """Per-sequence response statistics in input order: NLL sum, token count, and the sum
-    of token probabilities (least-confidence scoring needs the mean probability)."""
+    of token probabilities (least-confidence scoring needs the mean probability).
+    `max_tokens` per batch; None: as many as free device memory holds (`batch_budget`), as
+    in `mean_hidden` and `option_logprobs`."""
     from .io import track
 
     n = len(enc)
     nll = np.zeros(n, dtype=np.float64)
     prob = np.zeros(n, dtype=np.float64)
     count = np.zeros(n, dtype=np.int64)
-    batches = length_batches(enc.lengths, max_tokens)
+    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
     model.eval()
     for index in track(batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
@@ -110,8 +112,9 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
 
 
 @torch.no_grad()
-def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *, max_tokens: int = 4096,
-                progress: str | None = None, meter=None) -> np.ndarray:
+def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
+                max_tokens: int | None = None, progress: str | None = None,
+                meter=None) -> np.ndarray:
     """[N, d] float32: the decoder's last hidden state averaged over each sequence's real
     tokens (no LM head), in input order — a model's own embedding of an example."""
     from .io import track
@@ -119,7 +122,8 @@ def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *, max_token
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = np.zeros((len(enc), base.config.hidden_size), dtype=np.float32)
     model.eval()
-    for index in track(length_batches(enc.lengths, max_tokens), progress):
+    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
+    for index in track(batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
             h = _decoder_states(base, batch)
@@ -132,8 +136,8 @@ def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *, max_token
 
 @torch.no_grad()
 def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: int,
-                    runtime: Runtime, *, max_tokens: int = 4096, progress: str | None = None,
-                    meter=None) -> list[np.ndarray]:
+                    runtime: Runtime, *, max_tokens: int | None = None,
+                    progress: str | None = None, meter=None) -> list[np.ndarray]:
     """For rows that score exactly one response token: the log-probability of each candidate
     token at that position. Multiple choice with one-token options (MMLU's letters) then
     costs one forward per question instead of one per option. Needs a plain LM head."""
@@ -143,7 +147,8 @@ def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: i
     assert base is not None, "option_logprobs needs a plain LM head"
     out: list[np.ndarray] = [np.zeros(0)] * len(enc)
     model.eval()
-    for index in track(length_batches(enc.lengths, max_tokens), progress):
+    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
+    for index in track(batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
             hidden = _decoder_states(base, batch)

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -362,11 +362,81 @@ def load_adapter(model, adapter: str | Path):
         return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
 
 
-def causal_lm(name: str, lora=None):
+def causal_lm(name: str, lora=None, runtime: Runtime | None = None):
     """(model, tokenizer) of a causal LM, LoRA-wrapped by `lora` (a TrainConfig) if given:
-    the loader a scoring pass rebuilds its model with in another process."""
-    model, tok, _ = load_causal_lm(name)
+    the loader a scoring pass rebuilds its model with in another process, straight onto
+    `runtime`'s device in its dtype (never an fp32 copy in host memory)."""
+    model, tok, _ = load_causal_lm(name, runtime=runtime)
     return (add_lora(model, lora) if lora is not None else model), tok
+
+
+# -- how many tokens a batch can hold -------------------------------------------------------
+
+class ModelShape(NamedTuple):
+    """What a batch's activations grow with."""
+
+    layers: int
+    d_model: int
+    d_ff: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> ModelShape:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config.get_text_config(decoder=True)
+        d = cfg.hidden_size
+        return cls(cfg.num_hidden_layers, d, getattr(cfg, "intermediate_size", None) or 4 * d,
+                   cfg.vocab_size)
+
+    def token_bytes(self, act_bytes: int, *, backward: bool = False,
+                    checkpointing: bool = False) -> int:
+        """An upper estimate of the bytes one token of a batch holds at the peak.
+
+        Forward only: one layer's transient tensors (≤ 8·d_model + 3·d_ff: norms, q/k/v,
+        attention's output, the gated MLP) and the logits with their fp32 log-softmax. With
+        the backward: per layer what it keeps (≤ 24·d_model + 4·d_ff with fp32 norm inputs
+        and RoPE copies), or with gradient checkpointing each layer's input plus one layer
+        recomputed; the logits then also have an fp32 gradient (16 bytes per entry)."""
+        if not backward:
+            return (8 * self.d_model + 3 * self.d_ff) * act_bytes + (act_bytes + 8) * self.vocab
+        layer = (24 * self.d_model + 4 * self.d_ff) * act_bytes
+        kept = (self.layers * self.d_model * act_bytes + layer if checkpointing
+                else self.layers * layer)
+        return kept + 16 * self.vocab
+
+
+def free_bytes(device: torch.device) -> float | None:
+    """Bytes new tensors can take on a CUDA device: free memory plus what torch's caching
+    allocator holds unused. None elsewhere (a CPU's memory is not the constraint here)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def token_budget(free: float, per_token: float, *, fixed: float = 0.0, cap: int,
+                 fraction: float = 0.8) -> int:
+    """The most tokens per batch whose `per_token` bytes, beside `fixed` ones, fit in
+    `fraction` of `free` (the rest for fragmentation and the estimate's error), in steps of
+    64; at least 1 (a batch is then one example, whatever fits) and at most `cap`."""
+    tokens = int((fraction * free - fixed) // per_token)
+    tokens = tokens // 64 * 64 if tokens >= 64 else tokens
+    return max(1, min(tokens, cap))
+
+
+def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool = False,
+                 checkpointing: bool = False, cap: int = 1 << 17) -> int:
+    """A batch's token budget for `model` on `runtime`: `default` where free memory is not
+    known (the CPU); on a GPU, what its free memory holds, forward only (scoring) or with
+    the backward (training: the trainable weights' gradients and AdamW moments count too,
+    so the LoRA rank enters)."""
+    free = free_bytes(runtime.device)
+    if free is None:
+        return default
+    act = 4 if runtime.autocast is None else 2
+    per = ModelShape.of(model).token_bytes(act, backward=backward, checkpointing=checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return token_budget(free, per, fixed=12 * trainable if backward else 0, cap=cap)
 
 
 # -- internals ----------------------------------------------------------------------------

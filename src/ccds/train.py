@@ -33,7 +33,16 @@ from .errors import CcdsError
 from .flops import Ledger, Meter, Stage
 from .io import atomic_dir, bar, stable_hash, write_json
 from .lm import response_nll
-from .models import Runtime, add_lora, load_causal_lm, param_counts, pick_runtime, save_adapter
+from .models import (
+    Runtime,
+    add_lora,
+    batch_budget,
+    free_bytes,
+    load_causal_lm,
+    param_counts,
+    pick_runtime,
+    save_adapter,
+)
 from .tokenize import Encoded, collate, encode, length_batches, ordered_batches
 
 
@@ -58,6 +67,11 @@ class TrainConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens")
     batch_tokens: int = Field(4096, ge=16, description="token budget of one micro-batch")
+    micro_tokens: int | None = Field(
+        None, ge=1, description="the most padded tokens one forward/backward holds: a bigger "
+        "micro-batch runs as row chunks whose gradients add up to the same update. Default: "
+        "no split on a CPU; on a GPU what free memory holds for the model, its LoRA rank and "
+        "gradient checkpointing")
     max_batch: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float | None = 1.0
@@ -80,7 +94,8 @@ class TrainConfig(BaseModel):
 
     # Settings that change how a run executes, not what it trains (at most the last bits):
     # run-store keys and resume keys leave them out, so flipping one reuses finished work.
-    EXECUTION: ClassVar[frozenset[str]] = frozenset({"gradient_checkpointing", "attn"})
+    EXECUTION: ClassVar[frozenset[str]] = frozenset({"gradient_checkpointing", "attn",
+                                                     "micro_tokens"})
 
 
 @dataclass
@@ -149,6 +164,20 @@ def split_step(group: list[np.ndarray], lengths: np.ndarray, world: int
     return ranks
 
 
+def fit_memory(batches: list[np.ndarray], lengths: np.ndarray, max_tokens: int | None
+               ) -> list[np.ndarray]:
+    """Micro-batches cut into row chunks of at most `max_tokens` padded tokens (one row at
+    least): the loss is normalised by the step's tokens, so the chunks' gradients sum to
+    the micro-batch's."""
+    if max_tokens is None:
+        return list(batches)
+    out = []
+    for b in batches:
+        rows = max(1, max_tokens // int(lengths[b].max()))
+        out += [b[i:i + rows] for i in range(0, len(b), rows)]
+    return out
+
+
 def lr_lambda(cfg: TrainConfig, total: int):
     warm = math.ceil(cfg.warmup_ratio * total)
 
@@ -183,8 +212,9 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     acc = _accelerator(rt)
     if acc is not None:
         rt = Runtime(acc.device, rt.autocast)
-    if model is None:
-        model, tokenizer, _ = load_causal_lm(cfg.model, attn=cfg.attn)
+    if model is None:  # frozen weights straight onto the device in their dtype
+        model, tokenizer, _ = load_causal_lm(
+            cfg.model, attn=cfg.attn, runtime=rt if cfg.lora else Runtime(rt.device, None))
     if cfg.lora and not hasattr(model, "peft_config"):
         model = add_lora(model, cfg)
     if not cfg.lora:  # fp32 masters for every weight, even if placed in bf16 before
@@ -227,8 +257,9 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     b = bar(len(steps), progress if main else None, unit="step")
     lengths, resp = enc.lengths, enc.response_lengths  # O(pool) each: once, not per step
     with meter, _executing(plain, cfg):
+        micro = cfg.micro_tokens or _micro_tokens(plain, rt, cfg)
         for step, group in enumerate(steps, 1):
-            mine = split_step(group, lengths, world)[rank]
+            mine = fit_memory(split_step(group, lengths, world)[rank], lengths, micro)
             if step <= start:  # done before the restart: charge its work, do not redo it
                 for ix in mine:
                     meter.lora_step(collate(enc, ix, pad), full=not cfg.lora)
@@ -298,6 +329,13 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                                              "lrs": result.lrs, "stage": stage})
     result.stage = stage
     return result
+
+
+def _micro_tokens(model, rt: Runtime, cfg: TrainConfig) -> int | None:
+    """What free device memory holds for a forward/backward (None on a CPU: no split)."""
+    if free_bytes(rt.device) is None:
+        return None
+    return batch_budget(model, rt, backward=True, checkpointing=cfg.gradient_checkpointing)
 
 
 def _check_attn(attn: str, rt: Runtime) -> None:

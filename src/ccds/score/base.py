@@ -159,7 +159,7 @@ class ModelPass(Pass):
     never the module, and `setup` rebuilds the model there.
     """
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], model=None, tok=None, *,
+    def __init__(self, load: Callable[[Runtime], tuple[Any, Any]], model=None, tok=None, *,
                  lora: bool = False):
         self.load, self.model, self.tok, self.lora = load, model, tok, lora
         self.weights: bytes | None = None
@@ -173,7 +173,7 @@ class ModelPass(Pass):
 
     def setup(self, runtime: Runtime) -> None:
         if self.model is None:
-            self.model, self.tok = self.load()
+            self.model, self.tok = self.load(runtime=runtime)
             if self.weights is not None:
                 from safetensors.torch import load
 

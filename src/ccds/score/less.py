@@ -20,7 +20,6 @@ import math
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,13 +30,16 @@ from ..flops import Ledger, encoded_work, lora_step_flops
 from ..io import atomic_path, bar, locked, read_json, stable_hash, write_json
 from ..lm import response_nll
 from ..models import (
+    ModelShape,
     add_lora,
     cache_dir,
     causal_lm,
     counts_without_weights,
+    free_bytes,
     load_causal_lm,
     param_counts,
     resolve,
+    token_budget,
 )
 from ..tokenize import Encoded, collate, encode, length_batches
 from ..train import TrainConfig, train
@@ -195,9 +197,7 @@ class LESS(Method):
             return 8192
         if model is None:
             raise ValueError("LESS's GPU batch size depends on the model: pass it")
-        free, _ = torch.cuda.mem_get_info(runtime.device)
-        free += torch.cuda.memory_reserved(runtime.device) - torch.cuda.memory_allocated(
-            runtime.device)
+        free = free_bytes(runtime.device)
         n_lora = sum(x.numel() for x in model.parameters() if x.requires_grad)
         return gradient_batch_tokens(free, ModelShape.of(model), n_lora,
                                      held_rows=p.project_every, proj_dim=p.proj_dim,
@@ -332,23 +332,6 @@ def load_moments(ckpt: Path, names: list[str]) -> dict[str, tuple[torch.Tensor, 
 
 # -- batch size from free memory ----------------------------------------------------------
 
-class ModelShape(NamedTuple):
-    """What a batch's activations grow with."""
-
-    layers: int
-    d_model: int
-    d_ff: int
-    vocab: int
-
-    @classmethod
-    def of(cls, model) -> ModelShape:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cfg = base.config.get_text_config(decoder=True)
-        d = cfg.hidden_size
-        return cls(cfg.num_hidden_layers, d, getattr(cfg, "intermediate_size", None) or 4 * d,
-                   cfg.vocab_size)
-
-
 def gradient_memory(tokens: int, shape: ModelShape, n_lora: int, *, held_rows: int,
                     proj_dim: int, act_bytes: int = 2, max_batch: int = 64,
                     chunk: int = 8192) -> float:
@@ -373,17 +356,15 @@ def gradient_memory(tokens: int, shape: ModelShape, n_lora: int, *, held_rows: i
 
 def gradient_batch_tokens(free_bytes: float, shape: ModelShape, n_lora: int, *, held_rows: int,
                           proj_dim: int, act_bytes: int = 2, max_batch: int = 64,
-                          max_len: int = 512, fraction: float = 0.8) -> int:
-    """The largest per-batch token budget whose `gradient_memory` stays within `fraction` of
-    the free bytes (the rest for the allocator's fragmentation and estimate error), in
-    steps of 64; at least one token (a batch is then one example, whatever fits) and at
-    most max_batch·max_len, beyond which a bigger budget changes no batch."""
+                          max_len: int = 512) -> int:
+    """The largest per-batch token budget whose `gradient_memory` fits in the free bytes
+    (`token_budget`), at most max_batch·max_len, beyond which a bigger budget changes no
+    batch."""
     kw = dict(held_rows=held_rows, proj_dim=proj_dim, act_bytes=act_bytes,
               max_batch=max_batch)
-    per_token = gradient_memory(1, shape, n_lora, **kw) - gradient_memory(0, shape, n_lora, **kw)
-    tokens = int((fraction * free_bytes - gradient_memory(0, shape, n_lora, **kw)) // per_token)
-    tokens = tokens // 64 * 64 if tokens >= 64 else tokens
-    return max(1, min(tokens, max_batch * max_len))
+    fixed = gradient_memory(0, shape, n_lora, **kw)
+    return token_budget(free_bytes, gradient_memory(1, shape, n_lora, **kw) - fixed,
+                        fixed=fixed, cap=max_batch * max_len)
 
 
 # -- projection ---------------------------------------------------------------------------

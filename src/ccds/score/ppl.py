@@ -32,7 +32,9 @@ class PPLParams(Params):
     val_epochs: float = Field(25, gt=0)
     val_lr: float = Field(1e-4, gt=0)
     max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
-    batch_tokens: int = Field(8192, ge=1)
+    batch_tokens: int | None = Field(
+        None, ge=1, description="tokens per batch; default: 8192 on a CPU, on a GPU what "
+        "its free memory holds for this model")
 
 
 class PPL(Method):
@@ -108,7 +110,7 @@ class SequenceStats(ModelPass):
     perplexity family; S2L's loss trajectories)."""
 
     def __init__(self, load, model=None, tok=None, *, lora: bool = False, max_len: int = 512,
-                 batch_tokens: int = 8192):
+                 batch_tokens: int | None = None):
         super().__init__(load, model, tok, lora=lora)
         self.max_len, self.batch_tokens = max_len, batch_tokens
 

@@ -48,7 +48,9 @@ class ProxyParams(Params):
     proxy_lr: float = Field(1e-3, gt=0)
     checkpoints: int = Field(12, ge=1, description="trajectory length T")
     max_len: int = Field(512, ge=8)  # TrainConfig's bound, checked here before any work
-    batch_tokens: int = Field(8192, ge=1)
+    batch_tokens: int | None = Field(
+        None, ge=1, description="tokens per batch; default: 8192 on a CPU, on a GPU what "
+        "its free memory holds for this model")
     execution = frozenset({"batch_tokens"})
 
     @field_validator("checkpoint", "early", "late", check_fields=False)
@@ -99,10 +101,11 @@ def build_scratch(p: ProxyParams):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
-def load_proxy(p: ProxyParams):
+def load_proxy(p: ProxyParams, runtime=None):
+    """The proxy, untrained: built from scratch, or loaded (onto `runtime` if given)."""
     if p.proxy == SCRATCH:
         return build_scratch(p)
-    model, tok, _ = load_causal_lm(p.proxy)
+    model, tok, _ = load_causal_lm(p.proxy, runtime=runtime)
     return model, tok
 
 
@@ -276,9 +279,9 @@ def _load_weights(model, ckpt: Path, lora: bool) -> None:
         raise RuntimeError(f"proxy checkpoint {ckpt} does not match the model") from None
 
 
-def _rebuild(p: ProxyParams):
+def _rebuild(p: ProxyParams, runtime=None):
     """The proxy as a pass in another process loads it: LoRA-wrapped if trained so."""
-    model, tok = load_proxy(p)
+    model, tok = load_proxy(p, runtime)
     if p.proxy != SCRATCH and p.proxy_lora:
         model = add_lora(model, _train_config(p))
     return model, tok
