@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_study_config_is_the_full_design():
     cfg = load_config(ROOT / "experiments" / "study.yaml")
     assert {m.name for m in cfg.methods} == {"random", "bm25", "embed", "ppl", "less", "s2l",
-                                             "cascade"}
+                                             "cascade", "dsir"}
     assert cfg.fractions == [0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+    dsir = next(m for m in cfg.methods if m.name == "dsir")  # issue 23: at least these
+    assert {0.025, 0.05, 0.1} <= set(cfg.fractions_for(dsir))
     assert cfg.targets == ["mmlu", "bbh", "gsm8k"]
     assert len(next(m for m in cfg.methods if m.name == "random").seeds) >= 2
 
@@ -51,7 +53,7 @@ def test_committed_report_and_results_regenerate_from_the_run_store(tmp_path, mo
     assert_close(json.loads((tmp_path / "fits.json").read_text()),
                  json.loads((committed / "fits.json").read_text()))
     assert (tmp_path / "runs.csv").read_text() == (committed / "runs.csv").read_text()
-    assert len((committed / "runs.csv").read_text().splitlines()) == 144 + 1
+    assert len((committed / "runs.csv").read_text().splitlines()) == 144 + 9 + 1  # + DSIR
     spec = importlib.util.spec_from_file_location("results", ROOT / "experiments" / "results.py")
     results = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(results)
@@ -99,8 +101,9 @@ def test_committed_study_resumes_without_recomputing(shared_data, tmp_path):
                train=cfg.train.model_copy(update={"model": name, "dtype": rt.dtype_name}))
     keys = {_run_key(m, cfg=cfg, pool_hash=examples_hash(pool), target=t, spec=s, seed=seed,
                      fraction=f)
-            for t in targets for s in cfg.methods for seed in s.seeds for f in cfg.fractions}
-    assert len(keys) == 144 and all(store.has(k) for k in keys)
+            for t in targets for s in cfg.methods for seed in s.seeds
+            for f in cfg.fractions_for(s)}
+    assert len(keys) == 144 + 9 and all(store.has(k) for k in keys)  # + DSIR
     meta = store.meta()
     for t in targets:
         assert meta[f"zero_shot/{t.name}/{name}"]["key"] == _zero_shot_key(m, target=t, cfg=cfg)

@@ -168,3 +168,30 @@ def test_resolved_dtype_is_part_of_every_key(tmp_path, tiny_model_dir, monkeypat
     assert len(list((tmp_path / "s" / "trained").glob("*/*/result.json"))) == 2
     meta = Store(tmp_path / "s" / "runs.sqlite").meta()
     assert len([k for k in meta if k.startswith("zero_shot/")]) == 1  # re-measured per dtype
+
+
+def test_a_method_added_at_its_own_fractions_resumes_the_rest(tmp_path, tiny_model_dir,
+                                                               monkeypatch):
+    """A method with its own `fractions` runs only at those; adding it to a stored sweep
+    computes only its rows (the others' keys do not move), and bad fractions are refused."""
+    from ccds.sweep import MethodSpec, load_config, run_sweep
+
+    monkeypatch.setenv("CCDS_CACHE", str(tmp_path / "cache"))
+    base = dict(methods=["random"], fractions=[0.2, 1.0],
+                synth={"n_pool": 30, "n_test": 4, "n_val": 4})
+    run_sweep(load_config(write_config(tmp_path / "a.yaml", tiny_model_dir, tmp_path / "s",
+                                       **base)), log=lambda _: None)
+    before = rows(tmp_path / "s")
+    more = {**base, "methods": ["random", {"name": "bm25", "fractions": [0.2]}]}
+    cfg = load_config(write_config(tmp_path / "b.yaml", tiny_model_dir, tmp_path / "s", **more))
+    assert cfg.fractions_for(cfg.methods[1]) == [0.2]
+    assert cfg.fractions_for(cfg.methods[0]) == [0.2, 1.0]
+    logged = []
+    run_sweep(cfg, log=logged.append)
+    after = rows(tmp_path / "s")
+    assert sorted(set(after) - set(before)) == [("bm25", 0, 0.2)]
+    assert all(after[k] == v for k, v in before.items())
+    assert len(logged) == 1 and logged[0].startswith("[3/3] ") and " bm25 seed 0 20.0%" in \
+        logged[0]
+    with pytest.raises(ValueError, match="fractions"):
+        MethodSpec(name="bm25", fractions=[0.0])

@@ -37,6 +37,9 @@ class MethodSpec(BaseModel):
     label: str | None = Field(None, description="name in tables (default: the method name)")
     params: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
+    fractions: list[float] | None = Field(
+        None, description="this method's fractions (default: the sweep's); a method added to "
+        "a stored sweep at a few fractions resumes without recomputing the rest")
 
     @field_validator("name")
     @classmethod
@@ -50,6 +53,20 @@ class MethodSpec(BaseModel):
     @property
     def tag(self) -> str:
         return self.label or self.name
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _check_fractions(v)
+
+
+def _check_fractions(v: list[float]) -> list[float]:
+    bad = [f for f in v if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"fractions must be in (0, 1], got {bad}")
+    if not v:
+        raise ValueError("fractions must not be empty")
+    return sorted(set(v))
 
 
 class SynthSpec(BaseModel):
@@ -106,10 +123,10 @@ class SweepConfig(BaseModel):
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
-        bad = [f for f in v if not 0 < f <= 1]
-        if bad:
-            raise ValueError(f"fractions must be in (0, 1], got {bad}")
-        return sorted(set(v))
+        return _check_fractions(v)
+
+    def fractions_for(self, spec: MethodSpec) -> list[float]:
+        return spec.fractions or self.fractions
 
 
 def load_config(path: Path | str) -> SweepConfig:
@@ -184,8 +201,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
     config_hash = stable_hash(cfg.model_dump(mode="json", exclude={"out"}))
     store.set_meta("config", cfg.model_dump(mode="json"))
     pool_hash = examples_hash(pool)
-    n_runs = len(cfg.models) * len(targets) * sum(len(m.seeds) for m in cfg.methods) \
-        * len(cfg.fractions)
+    n_runs = len(cfg.models) * len(targets) * sum(len(m.seeds) * len(cfg.fractions_for(m))
+                                                   for m in cfg.methods)
     done = 0
     t0 = time.perf_counter()
     for model_name in cfg.models:
@@ -200,11 +217,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> Path:
             method = get_method(spec.name, **{"seed": seed, **spec.params})
             keys = {(t.name, f): _run_key(m, cfg=cfg, pool_hash=pool_hash, target=t,
                                           spec=spec, seed=seed, fraction=f)
-                    for t in targets for f in cfg.fractions}
+                    for t in targets for f in cfg.fractions_for(spec)}
             todo = {k for k, v in keys.items() if not store.has(v)}
             done += len(keys) - len(todo)
             scores = {}  # per target, computed when first needed
-            for f, target in [(f, t) for f in cfg.fractions for t in targets
+            for f, target in [(f, t) for f in cfg.fractions_for(spec) for t in targets
                               if (t.name, f) in todo]:
                 if target.name not in scores:
                     scores[target.name] = run(
@@ -238,8 +255,9 @@ def run_pilot(cfg: SweepConfig, log=print) -> Pilot:
     from .analyse.runs import analyze
     from .store import Store
 
-    cfg = cfg.model_copy(update={"fractions": sorted(cfg.fractions)[:2],
-                                 "out": cfg.out / "pilot"})
+    cfg = cfg.model_copy(update={
+        "fractions": sorted(cfg.fractions)[:2], "out": cfg.out / "pilot",
+        "methods": [m.model_copy(update={"fractions": None}) for m in cfg.methods]})
     run_sweep(cfg, log=log)
     analyze(cfg.out, cfg.out / "report", share="pbar_p0", bootstrap=100)
     meta = Store(cfg.out / "runs.sqlite").meta()[f"c_full/{cfg.models[0]}"]
