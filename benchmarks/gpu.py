@@ -284,7 +284,7 @@ class Bench:
             self.less.features(self.lora_model, enc, self.tok, self.names, self.proj,
                                self.moments, self.rt, m)
             sync()
-        m.stage.detail = {"projection_s": self.proj.call_s - proj_s,
+        m.stage.detail |= {"projection_s": self.proj.call_s - proj_s,
                           "projection_calls": self.proj.calls - calls,
                           "lora_params": param_counts(self.lora_model)["lora"]}
         return m.stage
@@ -293,8 +293,9 @@ class Bench:
         """What each pass batches by in ccds, for this model on this device."""
         if stage.startswith("score"):
             return self.score_tokens
-        if stage == "train":
-            return self.train_config().batch_tokens
+        if stage == "train":  # a micro-batch, cut to fit free memory as train() cuts it
+            return min(self.train_config().batch_tokens,
+                       batch_budget(self.lora_model, self.rt, backward=True))
         return self.less.batch_tokens(self.rt, self.lora_model)
 
 

@@ -163,8 +163,8 @@ def dsir_section(by_target: dict[str, list[dict]], groups: list[dict]) -> list[s
                         if r["method"] == "dsir" and r["fraction"] < 1})
     out = ["## DSIR against BM25 and embeddings", "",
            "DSIR (hashed unigram + bigram importance weights, Gumbel top-k; the reference's "
-           "defaults, so examples under 100 words rank last) was added to the stored sweep "
-           "at " + ", ".join(f"{f:.1%}" for f in fractions) + " (nothing else recomputed). "
+           "defaults, so examples under 100 tokens, words and punctuation runs, rank last) "
+           "was added to the stored sweep at " + ", ".join(f"{f:.1%}" for f in fractions) + " (nothing else recomputed). "
            "Cells: DSIR's P minus BM25's / embeddings' at the same fraction; ★ beyond the "
            "seed noise.", "",
            "| target | " + " | ".join(f"{f:.1%}" for f in fractions)

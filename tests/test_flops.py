@@ -223,3 +223,31 @@ def test_sampled_metering_counts_the_first_batches_then_lets_go(tiny):
     assert "measured_on" not in full.detail
     gpu = Meter("x", "selection", device=torch.device("cuda"))
     assert gpu.sample == GPU_SAMPLED_BATCHES and Meter("x", "selection").sample is None
+
+
+def test_sampled_metering_with_nested_meters_and_replayed_steps(tiny):
+    """A counting meter nested in a sampled one (a scorer trained on V inside a selection
+    stage) counts its own ops and hands its total up unscaled, so the outer sample holds
+    only the outer batches; steps replayed after a restart are charged but neither run nor
+    sampled. Either mistake would move the sampled total far from the full count."""
+    model, tok, _ = tiny
+    batches = [_batch(tok, n=2 + i % 3, words=10 + 7 * i) for i in range(6)]
+    totals = {}
+    for sample in (None, 2):
+        with Meter("select", "selection", param_counts(model), sample=sample) as outer, \
+                torch.no_grad():
+            for b in batches[:2]:  # already done before a restart: charged, not run
+                outer.lora_step(b, ran=False)
+            with Meter("inner", "training", param_counts(model), sample=sample) as inner:
+                for b in batches:
+                    response_nll(model, b)
+                    inner.forward(b)
+            outer.add(inner.stage.analytic_flops, inner.stage.paper_flops)
+            for b in batches:
+                response_nll(model, b)
+                outer.forward(b)
+        totals[sample] = (outer.stage.measured_flops, inner.stage.measured_flops)
+    (full_outer, full_inner), (s_outer, s_inner) = totals[None], totals[2]
+    assert abs(s_inner / full_inner - 1) < 0.05
+    assert abs(s_outer / full_outer - 1) < 0.05
+    assert full_outer == pytest.approx(2 * full_inner, rel=1e-6)  # the same batches twice

@@ -111,7 +111,10 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir, figu
     assert all(f["p0"] == zero["perf"] for f in g["fits"].values())
     killed = Store(tmp_path / "k" / "runs.sqlite").meta()["zero_shot/synth-arithmetic/" +
                                                           str(tiny_model_dir)]
-    assert (killed["perf"], killed["flops"]) == (zero["perf"], zero["flops"])
+    # the same measurement in another process: equal FLOPs, P to rounding (once in a full
+    # suite on an AMX CPU a fresh process's first bf16 eval differed by 3e-6 of itself)
+    assert killed["flops"] == zero["flops"]
+    assert killed["perf"] == pytest.approx(zero["perf"], rel=1e-5)
     for name in ("report.html", "report.md", "runs.csv"):
         assert (tmp_path / "ref" / "report" / name).stat().st_size > 200
     assert any(f.endswith("-frontier.png") for f in os.listdir(tmp_path / "ref" / "report"))

@@ -115,8 +115,12 @@ def test_empty_subset_is_a_user_error(tiny):
 
 @pytest.mark.slow
 def test_real_smollm2_lora_learns_a_task(smollm2):
-    """Real model, real LoRA: a few steps on a fixed-format task cut its loss."""
-    model, tok, _ = smollm2
+    """Real model, real LoRA: a few steps on a fixed-format task cut its loss. On a copy:
+    training stores the frozen weights in its autocast dtype, which would leave the shared
+    fp32 model in bf16 for the tests after this one."""
+    import copy
+
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
     ex = [Example(f"r{i}", f"What is {i} plus {i}?", f"{i} + {i} = {2 * i}. The answer is "
                   f"{2 * i}.") for i in range(24)]
     r = train(ex, TrainConfig(epochs=2, lr=1e-3, batch_tokens=256, measure_flops=False),

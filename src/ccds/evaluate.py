@@ -107,8 +107,8 @@ def evaluate(model, tokenizer, target: Target, cfg: EvalConfig | None = None, *,
     out["primary"] = {"mc": out.get("accuracy"), "exact": out.get("exact_match"),
                       "nll": out["nll"]}[target.metric]
     for st in stages:
-        st.detail = {k: out[k] for k in ("target", "n", "nll", "accuracy", "exact_match")
-                     if k in out}
+        st.detail |= {k: out[k] for k in ("target", "n", "nll", "accuracy", "exact_match")
+                      if k in out}
         if ledger is not None:
             ledger.add(st)
     out["flops"] = sum(st.analytic_flops for st in stages)

@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -77,6 +78,7 @@ _register_grouped_mm()
 
 
 GPU_SAMPLED_BATCHES = 8  # batches a stage counts op by op off the CPU (Meter)
+_METERS: ContextVar[tuple[Meter, ...]] = ContextVar("ccds_meters", default=())  # innermost last
 
 
 class FlopCounter(TorchDispatchMode):
@@ -89,11 +91,12 @@ class FlopCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.total = 0
+        self.paused = 0  # counting meters nested inside: they count their ops themselves
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = None if self.paused else flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
@@ -254,10 +257,18 @@ class Meter:
         self._batches = [0, 0]  # reported batches: all, while counting
         self._sampled: float | None = None  # what the counter saw, once it stopped
         self._counter: FlopCounter | None = None  # while entered, if measuring
+        self._outer: Meter | None = None  # the counting meter this one is nested in
         self.remote_measured = 0.0
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Meter:
+        # a counting meter inside another counts its own ops (sampled or not) and hands the
+        # total up: the outer one's sample then holds only its own batches
+        outer = [m for m in _METERS.get() if m.measure]
+        self._outer = outer[-1] if outer and self.measure else None
+        self._token = _METERS.set((*_METERS.get(), self))
+        if self._outer is not None and self._outer._counter is not None:
+            self._outer._counter.paused += 1
         self._counter = FlopCounter() if self.measure else None
         if self._counter is not None:
             self._counter.__enter__()
@@ -282,6 +293,11 @@ class Meter:
         self.stage.peak_mem_mb = self._mem.peak_mb
         self.stage.tokens = self.work.tokens
         self.stage.padded_tokens = self.work.padded_tokens
+        _METERS.reset(self._token)
+        if self._outer is not None:
+            if self._outer._counter is not None:
+                self._outer._counter.paused -= 1
+            self._outer._counted += self.stage.measured_flops or 0.0
 
     def _batch(self, analytic: float) -> None:
         """A reported batch's analytic FLOPs; the counter stops after `sample` batches, if
@@ -316,31 +332,40 @@ class Meter:
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=False)
         self._batch(flops)
 
-    def lora_step(self, batch, full: bool = False) -> None:
+    def lora_step(self, batch, full: bool = False, ran: bool = True) -> None:
         """Forward and backward of a training step (loss on response and suffix): LoRA, or
-        every weight trained if `full`."""
+        every weight trained if `full`. `ran=False`: done before a restart, charged but not
+        run now, so not part of what is measured."""
         assert self.params is not None
         w = self._record(batch, suffix=True)
         flops = (full_step_flops if full else lora_step_flops)(self.params, w)
         self.stage.analytic_flops += flops
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=True)
-        self._batch(flops)
+        if ran:
+            self._batch(flops)
 
     def generation(self, prompt_lens, new_lens) -> None:
         assert self.params is not None
-        self.stage.analytic_flops += generation_flops(self.params, prompt_lens, new_lens)
+        flops = generation_flops(self.params, prompt_lens, new_lens)
+        self.stage.analytic_flops += flops
+        self._batch(flops)
         tokens = int(sum(prompt_lens)) + int(sum(new_lens))
         self.stage.paper_flops += paper_flops(self.params, tokens, training=False)
         self.work.tokens += tokens
         self.work.sequences += len(prompt_lens)
 
-    def add(self, analytic: float, paper: float | None = None, *, counted: bool = False) -> None:
+    def add(self, analytic: float, paper: float | None = None, *, counted: bool = False,
+            batch: bool = False) -> None:
         """`counted`: work done outside torch (e.g. scipy sparse products), which
-        FlopCounterMode cannot see; its exact count then goes to the measured total too."""
+        FlopCounterMode cannot see; its exact count then goes to the measured total too.
+        `batch`: the work of one batch of a model (a sentence encoder's), which counts
+        towards the sample a GPU meter counts op by op."""
         self.stage.analytic_flops += analytic
         self.stage.paper_flops += analytic if paper is None else paper
         if counted:
             self._counted += analytic
+        if batch:
+            self._batch(analytic)
 
     def measured_elsewhere(self, flops: float) -> None:
         """FLOPs another process counted for this stage (a Ray actor's FlopCounterMode)."""

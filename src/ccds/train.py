@@ -262,7 +262,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
             mine = fit_memory(split_step(group, lengths, world)[rank], lengths, micro)
             if step <= start:  # done before the restart: charge its work, do not redo it
                 for ix in mine:
-                    meter.lora_step(collate(enc, ix, pad), full=not cfg.lora)
+                    meter.lora_step(collate(enc, ix, pad), full=not cfg.lora, ran=False)
                 b.update()
                 last_ckpt = step
                 continue
@@ -317,7 +317,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
         for f in ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_tokens"):
             setattr(stage, f, type(getattr(stage, f) or 0)(_sum(acc, getattr(stage, f) or 0)))
         result.tokens = int(_sum(acc, result.tokens))
-    stage.detail = {"steps": result.steps, "examples": len(examples), "processes": world,
+    stage.detail |= {"steps": result.steps, "examples": len(examples), "processes": world,
                     "resumed_at_step": start,
                     "encoding": result.encoding, "lora_params": counts["lora"],
                     "final_loss": result.losses[-1] if result.losses else None}

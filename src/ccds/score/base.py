@@ -156,7 +156,8 @@ class ModelPass(Pass):
 
     Locally the live model is used as it is. Pickled for another process, the pass carries
     its loader and the trained weights as safetensors bytes (LoRA adapter, or every weight),
-    never the module, and `setup` rebuilds the model there.
+    never the module, and `setup` rebuilds the model there: `load(runtime=...)` returns
+    (model, tokenizer) loaded straight onto that runtime (e.g. `partial(causal_lm, name)`).
     """
 
     def __init__(self, load: Callable[[Runtime], tuple[Any, Any]], model=None, tok=None, *,

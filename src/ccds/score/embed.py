@@ -96,8 +96,8 @@ class Embed(Method):
                          "token_type_ids": torch.zeros_like(inp).to(device)}
                 emb = st(feats)["sentence_embedding"]
                 out[index] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
-        if meter is not None:
-            meter.add(self.encode_flops(lengths))
+                if meter is not None:
+                    meter.add(self.encode_flops(lengths[index]), batch=True)
         return out
 
     def __getstate__(self) -> dict:  # shipped to a Ray actor without its loaded encoder

@@ -125,7 +125,7 @@ class LESS(Method):
         price; amortising it over tasks is the analysis' job."""
         p = self.params
         root = cache_dir() / "less" / self.pool_key(pool, ctx)
-        model, tok, _ = load_causal_lm(p.model)
+        model, tok, _ = load_causal_lm(p.model, runtime=ctx.runtime)
         ctx.runtime.place(model)
         reused = 0.0
         warm_meta = root / "warmup.json"

@@ -148,7 +148,7 @@ def _trained(p: ProxyParams, pool, ctx):
     """(cache folder, proxy model, tokenizer, training record), training the proxy once."""
     root = cache_dir() / "proxy" / key(p, pool, ctx.runtime.dtype_name)
     root.mkdir(parents=True, exist_ok=True)
-    model, tok = load_proxy(p)
+    model, tok = load_proxy(p, ctx.runtime)
     ctx.runtime.place(model)
     done = root / "trained.json"
     lora = p.proxy != SCRATCH and p.proxy_lora
