@@ -560,8 +560,10 @@ def markdown(res: dict) -> str:
     for name, m in res["models"].items():
         plain, metered = m["stages"].get("score", {}), m["stages"].get("score_metered", {})
         if plain.get("tokens_per_s") and metered.get("tokens_per_s"):
-            lines += ["", f"Metering FLOPs as ccds does by default (op by op on the first "
-                      f"{GPU_SAMPLED_BATCHES} batches off the CPU) while scoring {name} runs at "
+            how = ("every op, as on any CPU" if res["smoke"] else
+                   f"op by op on a stage's first {GPU_SAMPLED_BATCHES} batches, as off the CPU")
+            lines += ["", f"Metering FLOPs as ccds does by default ({how}) while scoring "
+                      f"{name} runs at "
                       f"{metered['tokens_per_s'] / plain['tokens_per_s']:.0%} of the "
                       "unmetered speed."]
     if res["targets"]:
