@@ -247,7 +247,7 @@ def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path, figure):
     from ccds.data.synth import generate
     from ccds.score.base import read_scores
 
-    write_examples(generate(seed=3, n_pool=300)[0], tmp_path / "pool.jsonl")
+    write_examples(generate(seed=3, n_pool=200)[0], tmp_path / "pool.jsonl")
 
     def start(name):
         return subprocess.Popen(
@@ -269,7 +269,7 @@ def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path, figure):
             done = 0
         return done + len(list(root.glob("*/train*/checkpoint-*")))
 
-    p, seen = kill_until_done(lambda: start("k"), progress, steps=(2, 5), linger=0.2)
+    p, seen = kill_until_done(lambda: start("k"), progress, steps=(3, 6), linger=0.2)
     assert p.returncode == 0, p.stderr.read()
     figure("scoring (S2L): SIGKILLs survived (progress at each)", f"{len(seen)} {seen}")
     assert len(seen) >= 3, seen

@@ -60,7 +60,8 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
     stem = safe_name(f"{g['target']}-{g['model']}")
     files = {}
     methods = sorted({p.method for p in pts})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    palette = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # grey: reference lines
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, training_only in zip(axes, (False, True), strict=True):
         for m in methods:
@@ -79,7 +80,8 @@ def plot_group(g: dict, pts: list[Point], out: Path, c_full: float) -> dict[str,
         hull = [] if training_only else g.get("frontier_hull") or []
         if hull:
             ax.plot([p["selection"] + p["training"] for p in hull], [p["perf"] for p in hull],
-                    color="k", lw=1, alpha=0.5, label="upper hull in log C (paper)", zorder=2)
+                    color="k", lw=1, ls="-.", alpha=0.6, label="upper hull in log C (paper)",
+                    zorder=2)
         if g.get("zero_shot") is not None:
             ax.axhline(g["zero_shot"], color="grey", lw=1, ls=":", label="zero-shot (P0)")
         ax.set_xscale("log")
