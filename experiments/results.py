@@ -190,12 +190,16 @@ def dsir_section(by_target: dict[str, list[dict]], groups: list[dict]) -> list[s
               else ", ".join(f"{fr[i]['fraction']:.1%}" for i in mine))
         out.append(f"| {g['target']} | " + " | ".join(cells) + f" | {on} | "
                    + ", ".join(map(run_label, fr)) + " |")
-    sel = {r["method"]: float(r["selection_flops"]) for rows in by_target.values()
-           for r in rows if r["method"] in ("dsir", "bm25", "embed")}
-    c_full = groups[0]["c_full"]
-    out += ["", "Selection cost as a share of a full-pool LoRA epoch (C_full): "
-            + ", ".join(f"{m} {sel[m] / c_full:.1e}" for m in ("dsir", "bm25", "embed")
-                        if m in sel) + ".", ""]
+    shares = []
+    for g in groups:
+        sel: dict[str, float] = {}
+        for r in by_target[g["target"]]:
+            if r["method"] in ("dsir", "bm25", "embed"):
+                sel[r["method"]] = max(sel.get(r["method"], 0.0), float(r["selection_flops"]))
+        shares.append(f"{g['target']} " + ", ".join(
+            f"{m} {sel[m] / g['c_full']:.1e}" for m in ("dsir", "bm25", "embed") if m in sel))
+    out += ["", "Selection cost as a share of a full-pool LoRA epoch (C_full), per target: "
+            + "; ".join(shares) + ".", ""]
     return out
 
 

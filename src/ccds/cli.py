@@ -179,7 +179,7 @@ def _backend(kind: str, address: str | None, shard_size: int, concurrency: int):
 
 
 @app.command("score")
-def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
+def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder or hub id")],
               out: Annotated[Path, Opt(help="scores file (.parquet)")],
               method: MethodOpt = "random",
               target: Annotated[str | None, Opt(help="target spec or folder")] = None,
@@ -200,7 +200,7 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or 
 
 @app.command("select")
 def select_cmd(
-        pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
+        pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder or hub id")],
         out: Annotated[Path, Opt(help="subset: .jsonl, .parquet or a HF dataset folder")],
         method: Annotated[str | None, Opt(help=f"selection method: {', '.join(METHODS)} "
                                                "(default: random, or the --scores' method)")]
@@ -254,7 +254,7 @@ def select_cmd(
 
 
 @app.command("cost")
-def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.parquet/HF folder or hub id")],
+def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder or hub id")],
              target: Annotated[str | None, Opt(help="target spec or folder")] = None,
              method: Annotated[list[str] | None, Opt(help="methods to price (default: all "
                                                           "with default parameters)")] = None,
@@ -467,7 +467,7 @@ def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + tr
 
 @app.command("train")
 def train_cmd(
-        data: Annotated[str, Opt(help="training subset (.jsonl/.parquet/HF folder)")],
+        data: Annotated[str, Opt(help="training subset (.jsonl/.json/.parquet/HF folder)")],
         out: Annotated[Path, Opt(help="run folder: adapter, checkpoints, ledger")],
         config: Annotated[Path | None, Opt(help="YAML with TrainConfig settings")] = None,
         model: Annotated[str | None, Opt(help="alias, local folder or hub id")] = None,
