@@ -191,7 +191,8 @@ def test_cli_score_with_ray_backend(cluster, data, tmp_path):
         r = subprocess.run([sys.executable, "-m", "ccds", "score", "--pool",
                             str(tmp_path / "pool.jsonl"), "--method", "ppl", "--param",
                             "variant=low", "--out", str(out), "--backend", backend,
-                            "--address", address, "--shard-size", "16", "--concurrency", "2"],
+                            "--address", address, "--shard-size", "16", "--concurrency", "2",
+                            "--work", str(tmp_path / "shards")],
                            capture_output=True, text=True,
                            env={**ENV, "CCDS_CACHE": str(tmp_path / backend),
                                 "CCDS_DTYPE": "fp32"})
@@ -200,3 +201,4 @@ def test_cli_score_with_ray_backend(cluster, data, tmp_path):
 
         outs[backend] = read_scores(out).values
     np.testing.assert_allclose(outs["ray"], outs["local"], rtol=1e-4)
+    assert list((tmp_path / "shards").rglob("*.npy")), "--work: the shards went elsewhere"

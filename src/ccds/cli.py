@@ -171,11 +171,12 @@ ShardOpt = Annotated[int, Opt(help="rows per Ray shard (the unit of resume)")]
 ActorsOpt = Annotated[int, Opt(help="Ray actors, each with its own model")]
 
 
-def _backend(kind: str, address: str | None, shard_size: int, concurrency: int):
+def _backend(kind: str, address: str | None, shard_size: int, concurrency: int,
+             work: Path | None):
     from .score.base import Backend
 
     return _config(Backend, None, dict(kind=kind, address=address, shard_size=shard_size,
-                                       concurrency=concurrency))
+                                       concurrency=concurrency, work=work))
 
 
 @app.command("score")
@@ -185,12 +186,15 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF fold
               target: Annotated[str | None, Opt(help="target spec or folder")] = None,
               param: ParamOpt = None, seed: Annotated[int, Opt()] = 0,
               backend: BackendOpt = "local", address: AddressOpt = None,
-              shard_size: ShardOpt = 1024, concurrency: ActorsOpt = 1):
+              shard_size: ShardOpt = 1024, concurrency: ActorsOpt = 1,
+              work: Annotated[Path | None, Opt(help="Ray shard folder, on storage every "
+                                                    "node reads (default: the ccds cache)")]
+              = None):
     """Score every pool example (higher = select first); write id, score to Parquet."""
     from .score.base import write_scores
 
     examples, scores, _ = _score(pool, method, target, param, seed,
-                                 _backend(backend, address, shard_size, concurrency))
+                                 _backend(backend, address, shard_size, concurrency, work))
     write_scores(out, scores)
     st = scores.stage
     typer.echo(f"{method}: scored {len(examples)} examples -> {out} ({st.analytic_flops:.3e} "
