@@ -239,3 +239,59 @@ def test_sigkilled_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path
     ref, got = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("ref", "k"))
     assert got["losses"] == ref["losses"]
     assert got["stage"]["analytic_flops"] == ref["stage"]["analytic_flops"]
+
+
+def _varied(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Example(f"v{i}", "Say " + " ".join(["word"] * int(rng.integers(1, 30))) + ".",
+                    " ".join(["ok"] * int(rng.integers(1, 40)))) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_flops_cap_stops_before_the_step_that_would_pass_it(tiny, seed):
+    """Over random pools, batch shapes and caps: the planned steps fit the cap, and the next
+    step of the uncapped plan would not have."""
+    from ccds.models import param_counts
+    from ccds.tokenize import encode
+    from ccds.train import step_flops
+
+    model, tok, _ = tiny
+
+    rng = np.random.default_rng(seed)
+    enc = encode(_varied(int(rng.integers(5, 60)), seed), tok)
+    cfg = _cfg(epochs=float(rng.uniform(0.5, 3)), batch_tokens=int(rng.integers(64, 600)),
+               grad_accum=int(rng.integers(1, 3)))
+    counts = param_counts(model)
+    free = plan_steps(enc, cfg, counts)
+    costs = [step_flops(enc, g, counts) for g in free]
+    cap = float(rng.uniform(costs[0], sum(costs) * 1.2))
+    capped = plan_steps(enc, cfg.model_copy(update={"max_flops": cap}), counts)
+    spent = sum(costs[:len(capped)])
+    same = [[x.tolist() for x in g] for g in free[:len(capped)]]
+    assert [[x.tolist() for x in g] for g in capped] == same and spent <= cap
+    assert len(capped) == len(free) or spent + costs[len(capped)] > cap
+
+
+def test_training_under_a_flops_cap_charges_no_more_than_it(tiny):
+    """The ledger's analytic charge equals what was planned before loading anything and
+    stays under the cap; the measured count agrees within 5%; a cap below one step is one
+    clear error."""
+    from ccds.tokenize import encode
+    from ccds.train import planned_flops
+
+    model, tok, ref = tiny
+    cfg = _cfg(epochs=2, measure_flops=True, model=str(ref.path))
+    whole = planned_flops(_varied(), cfg, tok)
+    cap = whole * 0.37
+    ledger = Ledger()
+    r = train(_varied(), cfg.model_copy(update={"max_flops": cap}), model=model,
+              tokenizer=tok, ledger=ledger, progress=None)
+    st = ledger.stages[0]
+    assert st.analytic_flops <= cap
+    assert st.analytic_flops == pytest.approx(
+        planned_flops(_varied(), cfg.model_copy(update={"max_flops": cap}), tok), rel=1e-12)
+    assert 0 < r.steps < len(plan_steps(encode(_varied(), tok), cfg))
+    assert abs(st.measured_flops / st.analytic_flops - 1) < 0.05
+    with pytest.raises(CcdsError, match="buys no step"):
+        train(_varied(), cfg.model_copy(update={"max_flops": 1.0}), model=model,
+              tokenizer=tok, progress=None)

@@ -300,7 +300,7 @@ def _run_key(m: _Model, *, cfg: SweepConfig, pool_hash: str, target, spec: Metho
 
     return stable_hash(pool_hash, target_hash(target), examples_hash(target.test),
                        m.fingerprint, spec.name, spec.params, seed, fraction,
-                       m.train.model_dump(exclude={"device", *TrainConfig.EXECUTION}),
+                       m.train.identity(),
                        cfg.eval.model_dump(), cfg.metric)
 
 
@@ -356,7 +356,7 @@ def _train_once(m: _Model, examples, *, tcfg: TrainConfig, ledger, root: Path):
     from .train import train
 
     out = root / stable_hash([(e.id, e.prompt, e.response) for e in examples],
-                             tcfg.model_dump(exclude={"device", *TrainConfig.EXECUTION}))
+                             tcfg.identity())
     done = out / "result.json"
     if done.exists():
         info = read_json(done)

@@ -66,6 +66,10 @@ class TrainConfig(BaseModel):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     epochs: float = Field(1.0, gt=0)
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens")
+    max_flops: float | None = Field(
+        None, gt=0, description="a hard cap on training FLOPs (ccds convention): the run "
+        "stops before the first step that would pass it, the schedule planned for the steps "
+        "that fit")
     batch_tokens: int = Field(4096, ge=16, description="token budget of one micro-batch")
     micro_tokens: int | None = Field(
         None, ge=1, description="the most padded tokens one forward/backward holds: a bigger "
@@ -96,6 +100,14 @@ class TrainConfig(BaseModel):
     # run-store keys and resume keys leave them out, so flipping one reuses finished work.
     EXECUTION: ClassVar[frozenset[str]] = frozenset({"gradient_checkpointing", "attn",
                                                      "micro_tokens"})
+    # Settings added after runs were stored: left out of keys while unset, so those runs
+    # keep their keys (the committed study resumes).
+    LATER: ClassVar[frozenset[str]] = frozenset({"max_flops"})
+
+    def identity(self, *also: str) -> dict:
+        """What determines the trained weights: the keys of runs, resumes and reuse."""
+        unset = {k for k in self.LATER if getattr(self, k) is None}
+        return self.model_dump(exclude={"device", *self.EXECUTION, *unset, *also})
 
 
 @dataclass
@@ -111,11 +123,30 @@ class TrainResult:
     stage: Stage | None = None
 
 
-def plan_steps(enc: Encoded, cfg: TrainConfig) -> list[list[np.ndarray]]:
-    """The whole run as optimizer steps, each a list of micro-batch index arrays."""
+def step_flops(enc: Encoded, group: list[np.ndarray], counts: dict[str, int],
+               full: bool = False) -> float:
+    """Analytic FLOPs of one optimizer step, as the Meter will charge it (the loss covers the
+    response and its end-of-turn suffix); known before the step runs."""
+    from .flops import Work, full_step_flops, lora_step_flops
+
+    w = Work()
+    resp = enc.response_lengths
+    for ix in group:
+        lengths = enc.lengths[ix]
+        w.add(lengths, int(resp[ix].sum()), len(ix) * int(lengths.max()))
+    return (full_step_flops if full else lora_step_flops)(counts, w)
+
+
+def plan_steps(enc: Encoded, cfg: TrainConfig, counts: dict[str, int] | None = None
+               ) -> list[list[np.ndarray]]:
+    """The whole run as optimizer steps, each a list of micro-batch index arrays. With
+    `cfg.max_flops` (and the model's `counts` to price steps), the run ends before the first
+    step that would pass the cap: planned up front, so the schedule decays over what runs."""
     lengths = enc.lengths
     steps: list[list[np.ndarray]] = []
-    tokens = 0
+    tokens, flops = 0, 0.0
+    if cfg.max_flops is not None and counts is None:
+        raise ValueError("max_flops needs the model's parameter counts to price each step")
     for epoch in range(math.ceil(cfg.epochs)):
         batches = (ordered_batches(lengths, cfg.batch_tokens, cfg.max_batch)
                    if cfg.order == "given" else
@@ -126,6 +157,10 @@ def plan_steps(enc: Encoded, cfg: TrainConfig) -> list[list[np.ndarray]]:
         for g in groups:
             if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
                 return steps
+            if cfg.max_flops is not None:
+                flops += step_flops(enc, g, counts, full=not cfg.lora)
+                if flops > cfg.max_flops:
+                    return steps
             steps.append(g)
             tokens += int(sum(lengths[b].sum() for b in g))
     return steps
@@ -221,14 +256,21 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
         model.float().requires_grad_(True)
     rt.place(model)
     enc = encode(examples, tokenizer, cfg.max_len)
-    steps = plan_steps(enc, cfg)
+    counts = param_counts(model)
+    steps = plan_steps(enc, cfg, counts)
+    if not steps:
+        first = step_flops(enc, plan_steps(enc, cfg.model_copy(update={"max_flops": None}),
+                                           counts)[0], counts, full=not cfg.lora)
+        raise CcdsError(f"a training budget of {cfg.max_flops:.3g} FLOPs buys no step: the "
+                        f"first costs {first:.3g}", None,
+                        "raise max_flops, or lower batch_tokens / grad_accum")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, len(steps)))
     save_at = {round(len(steps) * (i + 1) / cfg.checkpoints) for i in range(cfg.checkpoints)}
-    run_key = stable_hash(cfg.model_dump(exclude={"device", "measure_flops", *cfg.EXECUTION}),
+    run_key = stable_hash(cfg.identity("measure_flops"),
                           rt.dtype_name, counts_key(model), [(e.id, e.prompt, e.response) for e in examples])
     # fp16's narrow range: the loss is scaled up before backward so that small gradients do
     # not flush to zero, and steps whose gradients overflowed are skipped
@@ -237,7 +279,6 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                if out is not None and cfg.lora and cfg.save_optimizer else None)
     rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
     main = rank == 0
-    counts = param_counts(model)
     plain = model
     if acc is not None:
         model, opt = acc.prepare(model, opt)
@@ -495,7 +536,8 @@ class TrainingCost:
 
 def training_cost(examples: Sequence[Example], cfg: TrainConfig, tokenizer=None) -> TrainingCost:
     """Price `cfg`'s training on `examples` from the model's config (no weights loaded; the
-    tokenizer is loaded unless given)."""
+    tokenizer is loaded unless given). `analytic` is every example for `cfg.epochs` (C_full
+    for a pool); `planned_flops` prices the steps a run will take."""
     from .flops import Work, encoded_work, lora_step_flops, paper_flops
     from .models import counts_without_weights, resolve
 
@@ -512,3 +554,18 @@ def training_cost(examples: Sequence[Example], cfg: TrainConfig, tokenizer=None)
                         paper=paper_flops(counts, work.tokens, training=True) * cfg.epochs,
                         tokens=work.tokens, per_token=lora_step_flops(counts, one),
                         lengths=enc.lengths)
+
+
+def planned_flops(examples: Sequence[Example], cfg: TrainConfig, tokenizer=None) -> float:
+    """The analytic FLOPs `train(examples, cfg)` will charge, before anything is loaded: its
+    planned steps priced one by one (under `cfg.max_flops` when set)."""
+    from .models import counts_without_weights, resolve
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model).path)
+    counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
+    enc = encode(examples, tokenizer, cfg.max_len)
+    return float(sum(step_flops(enc, g, counts, full=not cfg.lora)
+                     for g in plan_steps(enc, cfg, counts)))
