@@ -21,8 +21,9 @@ LAYERS = {
     "models": ["ccds.models", "ccds.lm"],
     "stages": ["ccds.train", "ccds.evaluate", "ccds.select"],
     "selection": ["ccds.score", "ccds.score.*"],
-    "results": ["ccds.store", "ccds.analyse", "ccds.analyse.*", "ccds.plan"],
-    "orchestration": ["ccds.sweep", "ccds.demo"],
+    "results": ["ccds.store", "ccds.analyse", "ccds.analyse.*", "ccds.plan", "ccds.decide",
+                "ccds.price"],
+    "orchestration": ["ccds.sweep", "ccds.demo", "ccds.spend"],
     "interface": ["ccds.cli", "ccds.__main__"],
 }
 
@@ -130,8 +131,8 @@ def test_every_module_has_a_layer():
 
 def test_library_does_not_load_the_cli():
     stages = ["ccds.data.sources", "ccds.score", "ccds.select", "ccds.train",
-              "ccds.evaluate", "ccds.store", "ccds.analyse.runs", "ccds.plan", "ccds.sweep",
-              "ccds.demo"]
+              "ccds.evaluate", "ccds.store", "ccds.analyse.runs", "ccds.plan", "ccds.price",
+              "ccds.sweep", "ccds.demo"]
     code = (f"import sys\nfor m in {stages!r}: __import__(m)\n"
             "print(sorted(m for m in sys.modules if m == 'typer' or m.startswith('typer.') "
             "or m == 'ccds.cli'))")

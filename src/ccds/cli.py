@@ -16,6 +16,7 @@ import typer
 from .errors import CcdsError
 from .io import load_config as _config
 from .io import parse_params as _params
+from .price import Unit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compute-constrained data selection: score a pool against a target, "
@@ -280,56 +281,27 @@ def cost_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folde
     from rich.console import Console
     from rich.table import Table
 
-    from .score import REGISTRY
-    from .score.base import selection_costs
-    from .train import TrainConfig, training_cost
+    from .price import cost_rows, gpu_rate
 
     try:
         fr = [float(x) for x in fractions.split(",") if x.strip()]
     except ValueError:
-        fr = []
-    if not fr or any(not 0 < f <= 1 for f in fr):
-        raise CcdsError(f"--fractions {fractions!r} must be numbers in (0, 1]", None,
-                        "e.g. --fractions 0.05,0.1,1")
-    if not epochs > 0:
-        raise CcdsError(f"--epochs {epochs} must be positive")
-    if device is None and (mfu is not None or gpu_results is not None):
-        raise CcdsError("--mfu and --gpu-results price GPU-hours, which need --device", None,
-                        "add --device h100, h200 or a100")
-    examples = _load_pool(pool)
+        raise CcdsError(f"--fractions {fractions!r} is not a comma-separated list of numbers",
+                        None, "e.g. --fractions 0.05,0.1,1") from None
+    rate = gpu_rate(device, mfu, gpu_results, n_params=train_model)
     tgt = _load_target(target) if target else None
-    full = training_cost(examples, TrainConfig(model=train_model, epochs=epochs))
-    title = (f"FLOPs for {len(examples):,} examples ({full.tokens:,} tokens); "
-             f"training {train_model} with LoRA, {epochs:g} epoch(s)")
-    # (stage, FLOPs (ccds) or None, paper FLOPs cell, the GPU pass its hours are priced by)
-    rows: list[tuple[str, float | None, str, str]] = [
-        (f"train on {f:.1%}", full.analytic * f, f"{full.paper * f:.3e}", "train") for f in fr]
-    for name, c in selection_costs(method or sorted(REGISTRY), examples, tgt).items():
-        rows.append((f"select: {name}", c, "", "less" if name == "less" else "score"))
-    per_stage: dict[str, float] = {}
-    if device is not None:
-        from .flops import DEVICE_PEAK_FLOPS, gpu_mfu
-        from .models import counts_without_weights
-
-        per_stage, source = gpu_mfu(mfu, gpu_results,
-                                    counts_without_weights(train_model)["total"])
-        title += (f"; GPU-hours on one {device.upper()} "
-                  f"({DEVICE_PEAK_FLOPS[device] / 1e12:.0f} TFLOP/s dense bf16) at MFU {source}")
-    table = Table(title=title)
+    priced = cost_rows(_load_pool(pool), tgt, method, train_model, fr, epochs, rate)
+    table = Table(title=priced.title)
     table.add_column("stage")
     table.add_column("FLOPs (ccds)", justify="right")
     table.add_column("FLOPs (paper 6·N·T)", justify="right")
-    if device is not None:
-        one = set(per_stage.values())
-        table.add_column(f"GPU-hours ({device}, MFU "
-                         f"{f'{one.pop():g}' if len(one) == 1 else 'measured'})", justify="right")
-    for label, flops, paper, gpu_stage in rows:
-        cells = [label, "needs --target" if flops is None else f"{flops:.3e}", paper]
-        if device is not None:
-            from .flops import gpu_hours
-
-            cells.append("" if flops is None else
-                         f"{gpu_hours(flops, device, per_stage[gpu_stage]):.3g}")
+    if priced.hours_column:
+        table.add_column(priced.hours_column, justify="right")
+    for row in priced.rows:
+        cells = [row.stage, "needs --target" if row.flops is None else f"{row.flops:.3e}",
+                 "" if row.paper is None else f"{row.paper:.3e}"]
+        if priced.hours_column:
+            cells.append("" if row.hours is None else f"{row.hours:.3g}")
         table.add_row(*cells)
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
@@ -388,9 +360,9 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, 
 @app.command("plan")
 def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + training, in "
                                               "--unit")],
-             unit: Annotated[Literal["flops", "gpu-hours"], Opt(help="of --budget; gpu-hours "
-                                                                     "needs --device")]
-             = "flops",
+             unit: Annotated[Unit, Opt(help="of --budget; gpu-hours and hours need --device "
+                                             "(a plan measures nothing: its hours are hours "
+                                             "of that GPU, as gpu-hours)")] = "flops",
              device: Annotated[Literal["h100", "h200", "a100"] | None,
                                Opt(help="GPU that hours are counted on (as `ccds cost`)")]
              = None,
@@ -410,9 +382,11 @@ def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + tr
              = "paper"):
     """Recommend a method and fraction for a compute budget, with the predicted result."""
     from .plan import PAPER_PRIOR, explain, from_fits, model_size, paper_prior, parse_count, plan
+    from .price import budget_flops, check_budget, describe_budget, gpu_rate, hours_of
 
     c_full_k = 6.0
     defaults: dict = {}
+    check_budget(budget, unit, device, mfu)  # before a pilot spends anything
     if pilot is not None:
         from .sweep import SweepConfig, run_pilot
 
@@ -429,42 +403,70 @@ def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + tr
     n_sel = model_size(selection_model) if selection_model else defaults["--selection-model"]
     n_tokens = (parse_count(pool_tokens, "--pool-tokens") if pool_tokens
                 else defaults["--pool-tokens"])
-    rate, said = None, ""
-    if unit == "gpu-hours" and device is None:
-        raise CcdsError("--unit gpu-hours needs --device", None, "add --device h100, h200 or a100")
-    if device is not None:  # FLOPs per GPU-second, priced at the training pass's MFU
-        from .flops import DEVICE_PEAK_FLOPS, gpu_mfu
-
-        per_stage, source = gpu_mfu(mfu, None, n_train)
-        rate = DEVICE_PEAK_FLOPS[device] * per_stage["train"]
-        said = f" = {budget * 3600 * rate if unit == 'gpu-hours' else budget / rate / 3600:.3g} " \
-               f"{'FLOPs' if unit == 'gpu-hours' else 'GPU-hours'} on {device} at MFU {source}"
-    elif mfu is not None:
-        raise CcdsError("--mfu prices GPU-hours, which need --device", None,
-                        "add --device h100, h200 or a100")
-    hours = budget if unit == "gpu-hours" else None
-    if hours is not None:
-        budget = hours * 3600 * rate
+    rate = gpu_rate(device, mfu, n_params=n_train)  # a plan measures nothing: hours are a GPU's
+    flops = budget_flops(budget, unit, rate)
     if fits is not None:
         models, c_full_k = from_fits(fits)
         source = f"fits from {fits}"
     else:
         models, source = paper_prior(n_train), PAPER_PRIOR["source"]
-    options, out = plan(budget, n_train, n_sel, n_tokens, models, tasks, c_full_k)
-    given = f"{hours:.3g} GPU-hours" if hours is not None else f"{budget:.3g} FLOPs"
-    typer.echo(f"budget {given}{said}; training {n_train:.3g} params, selection "
-               f"{n_sel:.3g}, pool {n_tokens:.3g} tokens, {tasks} task(s)")
+    options, out = plan(flops, n_train, n_sel, n_tokens, models, tasks, c_full_k)
+    typer.echo(f"budget {describe_budget(budget, unit, rate)}; training {n_train:.3g} params, "
+               f"selection {n_sel:.3g}, pool {n_tokens:.3g} tokens, {tasks} task(s)")
     typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
                + (f"{'GPU-h':>9}" if rate else "") + f"{'predicted':>11}")
     for o in options:
         iv = f" [{o.interval[0]:.2f}, {o.interval[1]:.2f}]" if o.interval else ""
-        gpu_h = f"{o.total / rate / 3600:>9.3g}" if rate else ""
+        gpu_h = f"{hours_of(o.total, rate):>9.3g}" if rate else ""
         typer.echo(f"{o.method:<18}{o.fraction:>9.1%}{o.selection_flops:>12.3g}"
                    f"{o.training_flops:>12.3g}{o.total:>12.3g}{gpu_h}{o.predicted:>11.2f}{iv}")
     for m, why in out:
         typer.echo(f"{m:<18}ruled out: {why}")
     typer.echo("")
-    typer.echo(explain(options, out, budget, c_full_k * n_train * n_tokens, tasks, source))
+    typer.echo(explain(options, out, flops, c_full_k * n_train * n_tokens, tasks, source))
+
+
+@app.command("run")
+def run_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder or hub id")],
+            target: Annotated[str, Opt(help="target spec or folder (needs V to decide on)")],
+            budget: Annotated[float, Opt(help="everything selection and training may spend, "
+                                              "in --unit")],
+            out: Annotated[Path, Opt(help="run folder: pieces, final adapter, report")],
+            model: Annotated[str | None, Opt(help="model to fine-tune (default: the config's, "
+                                                  "else smollm2-135m)")] = None,
+            unit: Annotated[Unit, Opt(help="of --budget; gpu-hours needs --device")] = "flops",
+            device: Annotated[Literal["h100", "h200", "a100"] | None,
+                              Opt(help="GPU that hours are counted on")] = None,
+            mfu: Annotated[float | None, Opt(help="MFU for --device (default: measured, "
+                                                  "else 0.40)")] = None,
+            selection_model: Annotated[str | None, Opt(help="model that scores (ppl, LESS); "
+                                                            "default --model")] = None,
+            method: Annotated[list[str] | None, Opt(help="methods to consider (repeatable; "
+                                                         "default random, bm25, dsir, embed, "
+                                                         "ppl)")] = None,
+            strategy: Annotated[Literal["adaptive", "plan"],
+                                Opt(help="adaptive: pilot on V, then decide; plan: execute "
+                                         "`ccds plan`'s pick")] = "adaptive",
+            fits: Annotated[Path | None, Opt(help="fits.json from `ccds analyze` as the "
+                                                  "prior (default: the paper's)")] = None,
+            pilot_share: Annotated[float, Opt(help="most of the budget the pilot may "
+                                                   "spend")] = 0.15,
+            config: Annotated[Path | None, Opt(help="YAML with train/eval settings "
+                                                    "(ccds.spend.RunConfig)")] = None,
+            seed: Annotated[int, Opt()] = 0):
+    """Spend one budget end to end: pilot on V, decide, select and train, with every FLOP
+    charged (never over the budget); resumable."""
+    from .spend import RunConfig, run_budget
+
+    given = dict(pool=pool, target=target, budget=budget, unit=unit, device=device, mfu=mfu,
+                 selection_model=selection_model, strategy=strategy, fits=fits,
+                 pilot_share=pilot_share, seed=seed, out=out)
+    if method:
+        given["methods"] = method
+    cfg = _config(RunConfig, config, given)
+    if model is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"model": model})})
+    run_budget(cfg, log=typer.echo)
 
 
 # -- train / eval --------------------------------------------------------------------------

@@ -244,14 +244,18 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
 def _pilot_fraction(world: World, methods: Sequence[str], price: dict[str, float],
                     pilot_budget: float) -> float | None:
     """The first round's fraction: the smallest allowed one in a discrete world; else what
-    lets the cheapest `len(methods)` arms and a second round fit (at most 5%, at least 0.5%)."""
+    lets every arm and a second round of the better half fit, or else one round (at most 5%,
+    at least 0.5%)."""
     if pilot_budget <= 0:
         return None
     if world.fractions is not None:
         return min(world.fractions)
-    n = len(methods)
+    n, half = len(methods), math.ceil(len(methods) / 2)
     sel = sum(sorted(price.values())[:n])
-    f = (pilot_budget - sel - 2 * n * world.eval_cost()) / (2 * n * world.c_full)
+    v, c = world.eval_cost(), world.c_full
+    f = (pilot_budget - sel - (n + half) * v) / ((n + 2 * half) * c)  # two rounds
+    if f < 0.005:
+        f = (pilot_budget - sel - n * v) / (n * c)  # one round
     f = min(f, 0.05)
     return f if f >= 0.005 else None
 

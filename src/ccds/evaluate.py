@@ -86,6 +86,8 @@ def evaluate(model, tokenizer, target: Target, cfg: EvalConfig | None = None, *,
                 correct += int(np.argmax(score) == e.gold_index)
         gold_nll_a, gold_tok_a = np.asarray(gold_nll), np.asarray(gold_tok)
         out["nll"] = float(np.mean(gold_nll_a / gold_tok_a)) if test else float("nan")
+        out["nll_se"] = (float(np.std(gold_nll_a / gold_tok_a, ddof=1) / np.sqrt(len(test)))
+                         if len(test) > 1 else None)  # how far V's mean can be trusted
         out["nll_token"] = float(gold_nll_a.sum() / gold_tok_a.sum()) if test else float("nan")
         out["truncated"] = enc.truncated
         if n_mc:

@@ -484,6 +484,14 @@ def mfu_by_stage(mfu: float | None, results: dict[str, Any] | None, n_params: fl
 GPU_RESULTS = "benchmarks/results/gpu.json"  # where benchmarks/gpu.py writes, in a checkout
 
 
+def check_mfu(mfu: float | None) -> None:
+    """An MFU is a fraction of the peak: in (0, 1] (None: not given)."""
+    from .errors import CcdsError
+
+    if mfu is not None and not 0 < mfu <= 1:
+        raise CcdsError(f"--mfu {mfu} must be in (0, 1]", None, "e.g. --mfu 0.4")
+
+
 def gpu_mfu(mfu: float | None, results_path: os.PathLike | str | None, n_params: float
             ) -> tuple[dict[GpuStage, float], str]:
     """`mfu_by_stage` from benchmarks/gpu.py's results file: `results_path`, else this
@@ -493,8 +501,7 @@ def gpu_mfu(mfu: float | None, results_path: os.PathLike | str | None, n_params:
     from .errors import CcdsError
     from .io import read_json
 
-    if mfu is not None and not 0 < mfu <= 1:
-        raise CcdsError(f"--mfu {mfu} must be in (0, 1]", None, "e.g. --mfu 0.4")
+    check_mfu(mfu)
     if results_path is not None and not Path(results_path).is_file():
         raise CcdsError("no such file", str(results_path), "run benchmarks/gpu.py on a GPU, "
                         "or leave --gpu-results out")

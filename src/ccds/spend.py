@@ -1,0 +1,346 @@
+"""`ccds run`: spend one compute budget B on deciding, selecting and training, and report it.
+
+Every FLOP of the decision is charged to B: the zero-shot and pilot evaluations on V, each
+method's scoring (once: a pool scored for the pilot is not scored again), the pilot trainings,
+the final training. The final evaluation on T is recorded beside, not charged (the paper
+charges selection + training). Each pilot arm and the final run train on the best-scored
+examples whose training FLOPs fit what they may spend (per-example costs add up exactly in
+the analytic count), under `TrainConfig.max_flops` as a hard cap, so the charged total never
+passes B.
+
+Resumable: every finished piece (scores, an arm, the zero-shot, the final run's checkpoints)
+is saved atomically under OUT; the decision is a function of those pieces, so a rerun of
+the same command after a kill replays them (charging their recorded stages again) and goes
+on where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .decide import Arm, Decision, adaptive, planned
+from .errors import CcdsError
+from .evaluate import EvalConfig
+from .flops import Device, Ledger, Stage
+from .price import Unit
+from .train import TrainConfig
+
+DEFAULT_METHODS = ["random", "bm25", "dsir", "embed", "ppl"]
+
+
+class RunConfig(BaseModel):
+    """One budget, spent: what to train, on what, against which target, for how much."""
+
+    model_config = ConfigDict(extra="forbid")
+    pool: str
+    target: str
+    budget: float = Field(gt=0)
+    unit: Unit = "flops"
+    device: Device | None = None
+    mfu: float | None = Field(None, gt=0, le=1)
+    selection_model: str | None = Field(None, description="model that scores (ppl, LESS); "
+                                        "default: the trained one")
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
+    strategy: Literal["adaptive", "plan"] = "adaptive"
+    fits: Path | None = Field(None, description="`ccds analyze` fits.json: the prior")
+    pilot_share: float = Field(0.15, gt=0, le=0.5)
+    z: float = Field(1.0, ge=0, description="standard errors of V a pilot must win by")
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig(generate=False)
+    seed: int = 0
+    out: Path = Path("run-out")
+
+
+@dataclass
+class LiveWorld:
+    """The pool, the target and the model, as `ccds.decide` asks for them; every charged
+    stage goes into `ledger`, T's evaluation into `reported`."""
+
+    cfg: RunConfig
+    pool: list
+    target: object
+    model: object
+    tok: object
+    rt: object
+    c_full: float
+    per_example: np.ndarray  # analytic training FLOPs of each pool example, one epoch
+    v_flops: float
+    pool_tokens: int
+    fractions: None = None
+    ledger: Ledger = field(default_factory=Ledger)
+    reported: Ledger = field(default_factory=Ledger)
+    scores: dict = field(default_factory=dict)
+    log: object = print
+
+    @property
+    def spent(self) -> float:
+        return self.ledger.total()
+
+    def method(self, name: str):
+        from .score import get_method
+        from .score.base import REGISTRY
+
+        params = {"seed": self.cfg.seed}
+        fields = REGISTRY[name].Params.model_fields
+        sel = self.cfg.selection_model or self.cfg.train.model
+        if "model" in fields and name != "embed":
+            params["model"] = sel
+        return get_method(name, **{k: v for k, v in params.items() if k in fields})
+
+    def selection_cost(self, name: str) -> float:
+        return 0.0 if name in self.scores else float(self.method(name).cost(self.pool,
+                                                                            self.target))
+
+    def training_cost(self, name: str, fraction: float) -> float:
+        return fraction * self.c_full
+
+    def eval_cost(self) -> float:
+        return self.v_flops
+
+    def _scores(self, name: str):
+        from .score import Context, run
+
+        if name not in self.scores:
+            s = run(self.method(name), self.pool, self.target, ctx=Context(runtime=self.rt),
+                    cache=self.cfg.out / "scores")
+            self.ledger.add(s.stage)
+            self.scores[name] = s
+        return self.scores[name]
+
+    def subset(self, name: str, flops: float) -> np.ndarray:
+        """The best-scored examples whose training (cfg.epochs) costs at most `flops`."""
+        from .select import select
+
+        cost = self.per_example * self.cfg.train.epochs
+        if flops < cost.min():
+            raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the cheapest "
+                            f"costs {cost.min():.3g})")
+        return np.sort(select(self._scores(name).values, tokens=int(flops), lengths=cost))
+
+    def _v(self, model, label: str) -> tuple[float, float | None, Stage]:
+        from .evaluate import evaluate
+
+        v = _v_target(self.target)
+        led = Ledger()
+        ev = evaluate(model, self.tok, v, self.cfg.eval.model_copy(update={"shots": 0}),
+                      runtime=self.rt, ledger=led, label=label, progress=None)
+        st = led.stages[0]
+        st.detail["on"] = "V"
+        return -ev["nll"], ev.get("nll_se"), st
+
+    def zero_shot(self) -> tuple[float, float | None]:
+        from .io import read_json, write_json
+
+        path = self.cfg.out / "pieces" / "zero-shot.json"
+        if path.exists():
+            d = read_json(path)
+        else:
+            p, se, st = self._v(self.model, "zero-shot")
+            d = {"p": p, "se": se, "stage": st.to_dict()}
+            write_json(path, d)
+        self.ledger.add(Stage(**d["stage"]))
+        self.log(f"zero-shot on V: P0 = {d['p']:.4f}")
+        return d["p"], d["se"]
+
+    def trial(self, name: str, fraction: float) -> Arm:
+        """A pilot arm: its method's scores (charged once), training on the best-scored
+        examples that `fraction`·C_full pays for, and an evaluation on V."""
+        from .io import read_json, write_json
+
+        path = self.cfg.out / "pieces" / f"arm-{name}-{fraction:.6f}.json"
+        self._scores(name)
+        before = self.spent
+        if path.exists():
+            d = read_json(path)
+            for s in d["stages"]:
+                self.ledger.add(Stage(**s))
+        else:
+            res, stages = self._train(name, fraction * self.c_full, None, f"pilot {name}")
+            p, se, st = self._v(res.model, f"pilot {name}")
+            self.model = res.model.unload()
+            d = {"p": p, "se": se, "n": res.stage.detail["examples"],
+                 "stages": [*stages, st.to_dict()]}
+            for s in d["stages"]:
+                self.ledger.add(Stage(**s))
+            write_json(path, d)
+        self.log(f"pilot {name} at {fraction:.2%}: P_V = {d['p']:.4f} on {d['n']} examples")
+        return Arm(name, fraction, self.spent - before, d["p"], d["se"])
+
+    def _train(self, name: str, flops: float, out: Path | None, label: str):
+        from .train import train
+
+        idx = self.subset(name, flops)
+        cfg = self.cfg.train.model_copy(update={
+            "max_flops": flops, "seed": self.cfg.seed,
+            "checkpoints": 4 if out is not None else 0})
+        led = Ledger()
+        res = train([self.pool[i] for i in idx], cfg, model=self.model, tokenizer=self.tok,
+                    runtime=self.rt, ledger=led, out=out, progress=label)
+        res.stage.detail["ids"] = [self.pool[i].id for i in idx]
+        return res, [s.to_dict() for s in led.stages]
+
+
+def _v_target(target):
+    from .data.types import Target
+
+    return Target(f"{target.name}-V", target.val, target.val, "nll", target.extract)
+
+
+def run_budget(cfg: RunConfig, log=print) -> dict:
+    """Spend `cfg.budget`; returns the report (also written to cfg.out)."""
+    from .data.formats import load_examples
+    from .data.sources import load_target
+    from .flops import encoded_work, forward_flops
+    from .models import load_causal_lm, param_counts, pick_runtime
+    from .score.base import REGISTRY
+    from .tokenize import encode
+
+    unknown = [m for m in cfg.methods if m not in REGISTRY]
+    if unknown:
+        raise CcdsError(f"unknown method(s) {', '.join(unknown)}", None,
+                        f"choose from {', '.join(sorted(REGISTRY))}")
+    budget = _budget_flops(cfg)
+    pool = load_examples(cfg.pool)
+    target = load_target(cfg.target)
+    if not target.val:
+        raise CcdsError(f"target {cfg.target!r} has no validation examples (V)", None,
+                        "ccds run decides on V: give a target with a validation split")
+    rt = pick_runtime(cfg.train.device, cfg.train.dtype)
+    tcfg = cfg.train.model_copy(update={"dtype": rt.dtype_name})
+    model, tok, _ = load_causal_lm(tcfg.model, runtime=rt)
+    rt.place(model)
+    counts = param_counts(model)
+    enc = encode(pool, tok, tcfg.max_len)
+    per = _per_example(enc, counts)
+    v_enc = encode(target.val, tok, cfg.eval.max_len)
+    world = LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
+                      c_full=float(per.sum() * tcfg.epochs), per_example=per,
+                      v_flops=forward_flops(counts, encoded_work(v_enc)),
+                      pool_tokens=enc.n_tokens, log=log)
+    cheapest = float(per.min() * tcfg.epochs)
+    if budget < cheapest:
+        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing", None,
+                        f"the smallest budget that trains on one example is {cheapest:.3g} "
+                        "FLOPs")
+    decision = _decide(world, budget, cfg)
+    if decision.method is None:
+        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing after the "
+                        f"decision: {decision.reason}", None, "raise the budget")
+    # the final run: the winner's scores (paid once), training on what is left
+    world._scores(decision.method)
+    left = budget - world.spent
+    res, stages = world._train(decision.method, left, cfg.out / "final", "train")
+    for s in stages:
+        world.ledger.add(Stage(**s))
+    return _finish(world, decision, res, budget, log)
+
+
+def _per_example(enc, counts: dict[str, int]) -> np.ndarray:
+    """Analytic FLOPs of training on each example once: the count is linear in tokens,
+    squared tokens and loss positions, so a subset's cost is the sum of its examples'."""
+    from .flops import Work, lora_step_flops
+
+    resp = enc.response_lengths
+    out = np.empty(len(enc))
+    for i, n in enumerate(enc.lengths):
+        w = Work()
+        w.add([n], int(resp[i]), int(n))
+        out[i] = lora_step_flops(counts, w)
+    return out
+
+
+def _budget_flops(cfg: RunConfig) -> float:
+    from .price import budget_flops, gpu_rate
+
+    if cfg.unit == "hours" and cfg.device is None:
+        raise CcdsError("--unit hours on this machine is not measured yet", None,
+                        "give the budget in flops, or gpu-hours with --device")
+    rate = gpu_rate(cfg.device, cfg.mfu, n_params=cfg.train.model)
+    return budget_flops(cfg.budget, cfg.unit, rate)
+
+
+def _decide(world: LiveWorld, budget: float, cfg: RunConfig) -> Decision:
+    from .models import param_counts
+    from .plan import from_fits, paper_prior, plan
+
+    n = float(param_counts(world.model)["active"])
+    models = from_fits(cfg.fits, cfg.target)[0] if cfg.fits else paper_prior(n)
+    if cfg.strategy == "plan":  # priced in this run's convention: C_full as measured here
+        t = float(world.pool_tokens)
+        options, _ = plan(budget, n, n, t, [m for m in models if m.name in cfg.methods],
+                          1, world.c_full / (n * t))
+        return planned(world, budget, [(o.method, o.fraction) for o in options])
+    prior = {m.name: m.lam for m in models}
+    return adaptive(world, budget, cfg.methods, prior, pilot_share=cfg.pilot_share, z=cfg.z)
+
+
+def _finish(world: LiveWorld, decision: Decision, res, budget: float, log) -> dict:
+    from .evaluate import evaluate
+    from .io import write_json, write_text
+
+    cfg = world.cfg
+    ev = evaluate(res.model, world.tok, world.target, cfg.eval, runtime=world.rt,
+                  ledger=world.reported, label="final", progress=None)
+    charged = world.ledger.to_dict()
+    total = world.ledger.total()
+    measured = world.ledger.total(field_="measured_flops")
+    report = {
+        "config": cfg.model_dump(mode="json"), "budget_flops": budget,
+        "charged_flops": total, "charged_measured_flops": measured,
+        "within_budget": total <= budget,
+        "decision": decision.to_dict(), "final": {
+            "method": decision.method, "examples": res.stage.detail["examples"],
+            "ids": res.stage.detail.get("ids"), "training_flops": res.stage.analytic_flops,
+            "T": {k: v for k, v in ev.items() if k != "samples"}},
+        "ledger": charged, "reported": world.reported.to_dict(),
+        "spent_by_kind": {k: world.ledger.total(k) for k in ("selection", "training",
+                                                              "evaluation")},
+    }
+    write_json(cfg.out / "report.json", report)
+    write_text(cfg.out / "report.md", _markdown(report))
+    log(f"{decision.method} on {res.stage.detail['examples']} examples: T NLL "
+        f"{ev['nll']:.4f}; charged {total:.4g} of {budget:.4g} FLOPs "
+        f"(measured {measured:.4g}); report: {cfg.out / 'report.md'}")
+    return report
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def _markdown(r: dict) -> str:
+    d = r["decision"]
+    lines = [f"# ccds run: {r['config']['target']} on {r['config']['pool']}", "",
+             f"Budget {r['budget_flops']:.4g} FLOPs; charged {r['charged_flops']:.4g} "
+             f"(analytic), {r['charged_measured_flops']:.4g} (measured); within budget: "
+             f"{r['within_budget']}.", "",
+             f"**Decision** ({d['strategy']}): {d['method']} at {d['fraction']:.2%}. "
+             f"{d['reason']}." + (f" Certainty on V: {d['certainty']:.2f}."
+                                  if d.get("certainty") is not None else ""), "",
+             f"Pilot: {d['pilot_flops']:.4g} FLOPs of {d['pilot_budget']:.4g} allowed"
+             + (f"; P0 on V {d['p0']:.4f}" if d.get("p0") is not None else "") + ".", ""]
+    if d["arms"]:
+        lines += ["| arm | fraction | FLOPs | P on V | se |", "|---|---|---|---|---|"]
+        lines += [f"| {a['method']} | {a['fraction']:.2%} | {a['flops']:.3g} | {a['p']:.4f} | "
+                  f"{_num(a['se'])} |" for a in d["arms"]]
+        lines.append("")
+    if d["options"]:
+        lines += ["| option | fraction | selection to pay | training | predicted gain | basis |",
+                  "|---|---|---|---|---|---|"]
+        for o in d["options"]:
+            g = "withheld" if o["gain"] is None else f"{o['gain']:+.4f}"
+            lines.append(f"| {o['method']} | {o['fraction']:.2%} | {o['selection_flops']:.3g} "
+                         f"| {o['training_flops']:.3g} | {g} | {o['basis']} |")
+        lines.append("")
+    lines += ["| spent on | FLOPs |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in r["spent_by_kind"].items()]
+    t = r["final"]["T"]
+    lines += ["", f"Final ({r['final']['examples']} examples): T NLL {t['nll']:.4f}"
+              + (f", accuracy {t['accuracy']:.3f}" if t.get("accuracy") is not None else "")
+              + " (recorded, not charged).", ""]
+    return "\n".join(lines)

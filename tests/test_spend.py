@@ -1,0 +1,113 @@
+"""`ccds run` (issue 29): one budget spent end to end — pilot on V, decision, selection,
+training — with every FLOP charged and the charged total never over the budget."""
+
+import json
+
+import pytest
+from test_cli import ccds, one_error_line
+
+from ccds.decide import Arm, adaptive
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spend")
+    assert ccds("data", "synth", "--out", d, "--n-pool", "80", "--n-val", "8",
+                "--n-test", "10").returncode == 0
+    return d
+
+
+def run(synth, model, out, budget, *extra):
+    return ccds("run", "--pool", synth / "pool.jsonl", "--target",
+                synth / "targets" / "synth-arithmetic", "--model", model, "--budget",
+                str(budget), "--out", out, "--method", "random", "--method", "bm25",
+                "--method", "dsir", "--seed", "0", *extra)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.6, 3.0])
+def test_run_charges_every_flop_and_stays_within_budget(synth, tiny_model_dir, tmp_path,
+                                                        scale):
+    """At budgets from a twentieth of full training to three times it, the ledger (analytic
+    and measured, which agree within 5%) is within B, the decision and the final T result
+    are reported, and the adapter is beside them."""
+    from ccds.data.formats import load_examples
+    from ccds.train import TrainConfig, training_cost
+
+    c_full = training_cost(load_examples(synth / "pool.jsonl"),
+                           TrainConfig(model=str(tiny_model_dir))).analytic
+    budget = scale * c_full
+    r = run(synth, str(tiny_model_dir), tmp_path / "out", budget)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["within_budget"] and rep["charged_flops"] <= budget
+    assert rep["charged_measured_flops"] == pytest.approx(rep["charged_flops"], rel=0.05)
+    kinds = {s["kind"] for s in rep["ledger"]["stages"]}
+    assert "training" in kinds
+    assert all(s["detail"].get("on") == "V" for s in rep["ledger"]["stages"]
+               if s["kind"] == "evaluation")  # T's evaluation is reported, not charged
+    assert rep["reported"]["stages"][0]["detail"]["target"] == "synth-arithmetic"
+    assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Decision" in md and "within budget: True" in md
+    if scale >= 3.0:  # the budget buys a pilot: arms on V, P0, each with its cost
+        d = rep["decision"]
+        assert d["arms"] and d["p0"] is not None and d["pilot_flops"] <= d["pilot_budget"]
+
+
+def test_a_budget_that_trains_nothing_names_the_smallest_that_would(synth, tiny_model_dir,
+                                                                    tmp_path):
+    r = run(synth, str(tiny_model_dir), tmp_path / "out", 1e3)
+    line = one_error_line(r)
+    assert "trains on nothing" in line and "smallest budget" in line
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--unit", "gpu-hours"), "needs --device"),
+    (("--unit", "parsecs"), "parsecs"),
+    (("--unit", "hours"), "hours"),
+])
+def test_bad_units_are_one_line(synth, tmp_path, args, says):
+    r = run(synth, "smollm2-135m", tmp_path / "out", 1e15, *args)
+    assert says in one_error_line(r)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+class _Toy:
+    """A world where every method trains alike and V is exact: the rule must stay within
+    budget whatever it decides."""
+
+    def __init__(self, sel, c_full=100.0, v=1.0):
+        self.sel, self.c_full, self.v, self.fractions, self.spent = sel, c_full, v, None, 0.0
+        self.paid = set()
+
+    def selection_cost(self, m):
+        return 0.0 if m in self.paid else self.sel[m]
+
+    def training_cost(self, m, f):
+        return f * self.c_full
+
+    def eval_cost(self):
+        return self.v
+
+    def zero_shot(self):
+        self.spent += self.v
+        return -2.0, 0.01
+
+    def trial(self, m, f):
+        c = self.selection_cost(m) + f * self.c_full + self.v
+        self.spent += c
+        self.paid.add(m)
+        return Arm(m, f, c, -2.0 + (1 - 2.718 ** (-3 * f)) * (1 + 0.1 * len(m)), 0.01)
+
+
+@pytest.mark.parametrize("budget", [0.5, 3.0, 20.0, 90.0, 300.0, 5000.0])
+def test_the_rule_never_plans_past_the_budget(budget):
+    w = _Toy({"random": 0.0, "bm25": 0.1, "embed": 5.0, "ppl": 40.0})
+    d = adaptive(w, budget, list(w.sel), {"random": 2.0, "bm25": 4.0, "embed": 6.0,
+                                          "ppl": 8.0})
+    if d.method is not None:
+        final = w.selection_cost(d.method) + w.training_cost(d.method, d.fraction)
+        assert w.spent + final <= budget * (1 + 1e-12)
+        assert w.spent - 0 <= budget
+    assert d.pilot_flops <= max(d.pilot_budget, 0.0) + 1e-9
