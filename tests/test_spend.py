@@ -111,3 +111,51 @@ def test_the_rule_never_plans_past_the_budget(budget):
         assert w.spent + final <= budget * (1 + 1e-12)
         assert w.spent - 0 <= budget
     assert d.pilot_flops <= max(d.pilot_budget, 0.0) + 1e-9
+
+
+def test_killed_again_and_again_it_ends_as_an_uninterrupted_run(synth, tiny_model_dir,
+                                                                 tmp_path, figure):
+    """SIGKILL at random moments (pilot arms, scoring, the final training), rerun the same
+    command: it picks up where it stopped and ends with the uninterrupted run's decision,
+    charge and T result."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import kill_until_done
+
+    from ccds.data.formats import load_examples
+    from ccds.train import TrainConfig, training_cost
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train: {dtype: fp32, checkpoints: 12, batch_tokens: 256}\n")
+    budget = 3 * training_cost(load_examples(synth / "pool.jsonl"),
+                               TrainConfig(model=str(tiny_model_dir))).analytic
+
+    def start(out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "ccds", "run", "--pool", str(synth / "pool.jsonl"),
+             "--target", str(synth / "targets" / "synth-arithmetic"), "--model",
+             str(tiny_model_dir), "--budget", str(budget), "--out", str(out), "--config",
+             str(cfg), "--method", "random", "--method", "bm25", "--method", "dsir"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "CCDS_PROGRESS": "0"})
+
+    p = start(tmp_path / "ref")
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+
+    def done():
+        k = tmp_path / "k"
+        return (len(list((k / "pieces").glob("*.json"))) + len(list(k.glob("scores/*")))
+                + len(list((k / "final").glob("checkpoint-*"))))
+
+    p, seen = kill_until_done(lambda: start(tmp_path / "k"), done, steps=(1, 2))
+    assert p.returncode == 0, p.stderr.read()
+    figure("ccds run: SIGKILLs survived (pieces saved at each)", f"{len(seen)} {seen}")
+    assert len(seen) >= 2, seen
+    ref, got = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ref", "k"))
+    assert got["charged_flops"] == ref["charged_flops"] <= budget
+    for key in ("method", "fraction", "arms", "reason"):
+        assert got["decision"][key] == ref["decision"][key], key
+    assert got["final"]["ids"] == ref["final"]["ids"]
+    assert got["final"]["T"]["nll"] == pytest.approx(ref["final"]["T"]["nll"], rel=1e-6)

@@ -177,7 +177,7 @@ class LiveWorld:
         idx = self.subset(name, flops)
         cfg = self.cfg.train.model_copy(update={
             "max_flops": flops, "seed": self.cfg.seed,
-            "checkpoints": 4 if out is not None else 0})
+            "checkpoints": max(4, self.cfg.train.checkpoints) if out is not None else 0})
         led = Ledger()
         res = train([self.pool[i] for i in idx], cfg, model=self.model, tokenizer=self.tok,
                     runtime=self.rt, ledger=led, out=out, progress=label)
