@@ -65,7 +65,7 @@ def test_a_budget_that_trains_nothing_names_the_smallest_that_would(synth, tiny_
 @pytest.mark.parametrize(("args", "says"), [
     (("--unit", "gpu-hours"), "needs --device"),
     (("--unit", "parsecs"), "parsecs"),
-    (("--unit", "hours"), "hours"),
+    (("--unit", "hours", "--mfu", "0.5"), "--mfu prices GPU-hours"),
 ])
 def test_bad_units_are_one_line(synth, tmp_path, args, says):
     r = run(synth, "smollm2-135m", tmp_path / "out", 1e15, *args)
@@ -159,3 +159,19 @@ def test_killed_again_and_again_it_ends_as_an_uninterrupted_run(synth, tiny_mode
         assert got["decision"][key] == ref["decision"][key], key
     assert got["final"]["ids"] == ref["final"]["ids"]
     assert got["final"]["T"]["nll"] == pytest.approx(ref["final"]["T"]["nll"], rel=1e-6)
+
+
+def test_a_budget_in_hours_is_priced_from_this_machines_measured_throughput(
+        synth, tiny_model_dir, tmp_path):
+    """--unit hours without a GPU: a charged calibration (zero-shot on V, a short training)
+    measures FLOP/s; the report gives the budget's seconds, the charged work's predicted
+    seconds and the actual ones."""
+    r = run(synth, str(tiny_model_dir), tmp_path / "out", 0.003, "--unit", "hours")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    w = rep["wall"]
+    assert "measured on this machine" in w["rate"] and w["calibration_s"] > 0
+    assert w["predicted_s"] == pytest.approx(0.003 * 3600)
+    assert w["actual_s"] > 0 and w["charged_predicted_s"] > 0
+    assert rep["charged_flops"] <= rep["budget_flops"]
+    assert "Wall clock" in (tmp_path / "out" / "report.md").read_text()

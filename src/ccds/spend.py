@@ -27,7 +27,7 @@ from .decide import Arm, Decision, adaptive, planned
 from .errors import CcdsError
 from .evaluate import EvalConfig
 from .flops import Device, Ledger, Stage
-from .price import Unit
+from .price import Rate, Unit
 from .train import TrainConfig
 
 DEFAULT_METHODS = ["random", "bm25", "dsir", "embed", "ppl"]
@@ -52,6 +52,8 @@ class RunConfig(BaseModel):
     z: float = Field(1.0, ge=0, description="standard errors of V a pilot must win by")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig(generate=False)
+    n_test: int | None = Field(None, ge=1, description="cap on T (per subject/task for MMLU "
+                               "and BBH, as in a sweep)")
     seed: int = 0
     out: Path = Path("run-out")
 
@@ -76,6 +78,7 @@ class LiveWorld:
     reported: Ledger = field(default_factory=Ledger)
     scores: dict = field(default_factory=dict)
     log: object = print
+    p0: tuple[float, float | None] | None = None  # zero-shot on V, once charged
 
     @property
     def spent(self) -> float:
@@ -136,6 +139,8 @@ class LiveWorld:
     def zero_shot(self) -> tuple[float, float | None]:
         from .io import read_json, write_json
 
+        if self.p0 is not None:  # measured for the calibration: charged once
+            return self.p0
         path = self.cfg.out / "pieces" / "zero-shot.json"
         if path.exists():
             d = read_json(path)
@@ -145,7 +150,35 @@ class LiveWorld:
             write_json(path, d)
         self.ledger.add(Stage(**d["stage"]))
         self.log(f"zero-shot on V: P0 = {d['p']:.4f}")
-        return d["p"], d["se"]
+        self.p0 = d["p"], d["se"]
+        return self.p0
+
+    def calibrate(self) -> tuple[Rate, float]:
+        """FLOP/s of this machine's passes, for a budget in hours: the zero-shot evaluation
+        on V (forward passes) and a short training on random examples (0.5% of C_full, at
+        least one step), both charged. Returns the rate and the wall seconds they took."""
+        from .io import read_json, write_json
+
+        self.zero_shot()
+        fwd = self.ledger.stages[-1]
+        path = self.cfg.out / "pieces" / "calibration.json"
+        if path.exists():
+            d = read_json(path)
+        else:
+            flops = max(0.005 * self.c_full, 2 * float(self.per_example.max()))
+            res, stages = self._train("random", flops, None, "calibrate")
+            self.model = res.model.unload()
+            d = {"stages": stages}
+            write_json(path, d)
+        st = [Stage(**s) for s in d["stages"]]
+        for s in st:
+            self.ledger.add(s)
+        train_s = sum(s.analytic_flops for s in st) / max(sum(s.wall_s for s in st), 1e-9)
+        fwd_s = fwd.analytic_flops / max(fwd.wall_s, 1e-9)
+        rate = Rate.measured({"train": train_s, "score": fwd_s},
+                             f"measured on this machine ({train_s / 1e9:.3g} GFLOP/s training, "
+                             f"{fwd_s / 1e9:.3g} forward)")
+        return rate, fwd.wall_s + sum(s.wall_s for s in st)
 
     def trial(self, name: str, fraction: float) -> Arm:
         """A pilot arm: its method's scores (charged once), training on the best-scored
@@ -196,7 +229,7 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     from .data.formats import load_examples
     from .data.sources import load_target
     from .flops import encoded_work, forward_flops
-    from .models import load_causal_lm, param_counts, pick_runtime
+    from .models import counts_without_weights, load_causal_lm, param_counts, pick_runtime
     from .score.base import REGISTRY
     from .tokenize import encode
 
@@ -204,9 +237,13 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     if unknown:
         raise CcdsError(f"unknown method(s) {', '.join(unknown)}", None,
                         f"choose from {', '.join(sorted(REGISTRY))}")
-    budget = _budget_flops(cfg)
+    from .price import budget_flops, check_budget, gpu_rate
+
+    check_budget(cfg.budget, cfg.unit, cfg.device, cfg.mfu, measured=True)
     pool = load_examples(cfg.pool)
-    target = load_target(cfg.target)
+    target = load_target(cfg.target, n_test=cfg.n_test)
+    if cfg.n_test and not target.name.startswith(("mmlu", "bbh")):
+        target.test = target.test[: cfg.n_test]
     if not target.val:
         raise CcdsError(f"target {cfg.target!r} has no validation examples (V)", None,
                         "ccds run decides on V: give a target with a validation split")
@@ -214,14 +251,23 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     tcfg = cfg.train.model_copy(update={"dtype": rt.dtype_name})
     model, tok, _ = load_causal_lm(tcfg.model, runtime=rt)
     rt.place(model)
-    counts = param_counts(model)
-    enc = encode(pool, tok, tcfg.max_len)
-    per = _per_example(enc, counts)
+    counts = param_counts(model)  # the frozen model: what its V evaluations run
+    enc = encode(pool, tok, tcfg.max_len)  # training runs with the adapters: priced with them
+    per = _per_example(enc, counts_without_weights(tcfg.model, tcfg if tcfg.lora else None),
+                       full=not tcfg.lora)
     v_enc = encode(target.val, tok, cfg.eval.max_len)
     world = LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
                       c_full=float(per.sum() * tcfg.epochs), per_example=per,
                       v_flops=forward_flops(counts, encoded_work(v_enc)),
                       pool_tokens=enc.n_tokens, log=log)
+    import time
+
+    t0 = time.perf_counter()
+    rate = gpu_rate(cfg.device, cfg.mfu, n_params=tcfg.model)
+    calibration_s = None
+    if cfg.unit == "hours" and rate is None:  # wall-clock hours here: measure, then price
+        rate, calibration_s = world.calibrate()
+    budget = budget_flops(cfg.budget, cfg.unit, rate)
     cheapest = float(per.min() * tcfg.epochs)
     if budget < cheapest:
         raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing", None,
@@ -237,31 +283,30 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     res, stages = world._train(decision.method, left, cfg.out / "final", "train")
     for s in stages:
         world.ledger.add(Stage(**s))
-    return _finish(world, decision, res, budget, log)
+    wall = {"rate": None if rate is None else rate.source, "calibration_s": calibration_s,
+            "actual_s": time.perf_counter() - t0}
+    if rate is not None:
+        wall["predicted_s"] = budget / rate.per_stage["train"]
+        wall["charged_predicted_s"] = sum(
+            s.analytic_flops / rate.per_stage["train" if s.kind == "training" else
+                                              "score" if "score" in rate.per_stage else "train"]
+            for s in world.ledger.stages)
+    return _finish(world, decision, res, budget, log, wall)
 
 
-def _per_example(enc, counts: dict[str, int]) -> np.ndarray:
+def _per_example(enc, counts: dict[str, int], full: bool = False) -> np.ndarray:
     """Analytic FLOPs of training on each example once: the count is linear in tokens,
     squared tokens and loss positions, so a subset's cost is the sum of its examples'."""
-    from .flops import Work, lora_step_flops
+    from .flops import Work, full_step_flops, lora_step_flops
 
+    step = full_step_flops if full else lora_step_flops
     resp = enc.response_lengths
     out = np.empty(len(enc))
     for i, n in enumerate(enc.lengths):
         w = Work()
         w.add([n], int(resp[i]), int(n))
-        out[i] = lora_step_flops(counts, w)
+        out[i] = step(counts, w)
     return out
-
-
-def _budget_flops(cfg: RunConfig) -> float:
-    from .price import budget_flops, gpu_rate
-
-    if cfg.unit == "hours" and cfg.device is None:
-        raise CcdsError("--unit hours on this machine is not measured yet", None,
-                        "give the budget in flops, or gpu-hours with --device")
-    rate = gpu_rate(cfg.device, cfg.mfu, n_params=cfg.train.model)
-    return budget_flops(cfg.budget, cfg.unit, rate)
 
 
 def _decide(world: LiveWorld, budget: float, cfg: RunConfig) -> Decision:
@@ -279,7 +324,8 @@ def _decide(world: LiveWorld, budget: float, cfg: RunConfig) -> Decision:
     return adaptive(world, budget, cfg.methods, prior, pilot_share=cfg.pilot_share, z=cfg.z)
 
 
-def _finish(world: LiveWorld, decision: Decision, res, budget: float, log) -> dict:
+def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall: dict
+            ) -> dict:
     from .evaluate import evaluate
     from .io import write_json, write_text
 
@@ -300,6 +346,7 @@ def _finish(world: LiveWorld, decision: Decision, res, budget: float, log) -> di
         "ledger": charged, "reported": world.reported.to_dict(),
         "spent_by_kind": {k: world.ledger.total(k) for k in ("selection", "training",
                                                               "evaluation")},
+        "wall": wall | {"charged_s": world.ledger.total(field_="wall_s")},
     }
     write_json(cfg.out / "report.json", report)
     write_text(cfg.out / "report.md", _markdown(report))
@@ -337,6 +384,11 @@ def _markdown(r: dict) -> str:
             lines.append(f"| {o['method']} | {o['fraction']:.2%} | {o['selection_flops']:.3g} "
                          f"| {o['training_flops']:.3g} | {g} | {o['basis']} |")
         lines.append("")
+    w = r["wall"]
+    if w.get("predicted_s") is not None:
+        lines += [f"Wall clock: the budget is {w['predicted_s']:.0f} s at the rate {w['rate']}; "
+                  f"the charged work was predicted at {w['charged_predicted_s']:.0f} s and took "
+                  f"{w['actual_s']:.0f} s (the command, the final T evaluation aside).", ""]
     lines += ["| spent on | FLOPs |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in r["spent_by_kind"].items()]
     t = r["final"]["T"]
