@@ -192,7 +192,7 @@ def plan_strategy(models: Callable[[StudyWorld], list[MethodModel]], check_cost:
 
 
 def _prior(world: StudyWorld) -> list[MethodModel]:
-    return paper_prior(world.n_params)
+    return paper_prior(world.n_params, encoder_params=0.0)  # free embeddings, as in the issue
 
 
 def _fits(world: StudyWorld) -> list[MethodModel]:

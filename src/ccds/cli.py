@@ -414,7 +414,8 @@ def plan_cmd(budget: Annotated[float, Opt(help="total compute for selection + tr
     typer.echo(f"budget {describe_budget(budget, unit, rate)}; training {n_train:.3g} params, "
                f"selection {n_sel:.3g}, pool {n_tokens:.3g} tokens, {tasks} task(s)")
     typer.echo(f"{'method':<18}{'fraction':>9}{'selection':>12}{'training':>12}{'total':>12}"
-               + (f"{'GPU-h':>9}" if rate else "") + f"{'predicted':>11}")
+               + (f"{'GPU-h':>9}" if rate else "")
+               + (f"{'gain share':>11}" if options and options[0].relative else f"{'predicted':>11}"))
     for o in options:
         iv = f" [{o.interval[0]:.2f}, {o.interval[1]:.2f}]" if o.interval else ""
         gpu_h = f"{hours_of(o.total, rate):>9.3g}" if rate else ""

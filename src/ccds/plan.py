@@ -11,8 +11,11 @@ it assumes a method turns a training fraction into performance as it did where i
 fitted; only the price changes. Every plan's cost is within the budget by construction.
 
 The prior (no sweep needed) is the CCDS paper's MMLU fits (spec §2, §4): rates per 1e18 FLOPs
-at Llama-2-7B, selection costs from its reference totals, P̄ per model size, P0 ≈ each
-size's accuracy after training on 2.5% of the pool at random.
+at Llama-2-7B and selection costs from its reference totals. It gives curve shapes, not the
+user's numbers: its predictions are shares of the attainable gain (P − P0)/(P̄ − P0), never
+Llama-2's MMLU accuracy; P in the user's units needs a measurement (`ccds run` measures P0
+on V, `ccds plan --pilot` fits a sweep). Embeddings are priced by their encoder's forward
+pass over the pool (the paper drew them at ~0).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ PAPER_PRIOR = {
     "sizes": {7e9: {"pbar": 47.42, "p0": 45.18}, 13e9: {"pbar": 55.50, "p0": 52.89},
               70e9: {"pbar": 70.05, "p0": 68.75}},
     # rate per 1e18 FLOPs of total compute at 7B; k: selection FLOPs / (N_sel · T_pool)
-    "methods": {"random": {"rate": 0.515, "k": 0.0},
+    "methods": {"random": {"rate": 0.515, "k": 0.0},  # embed: its encoder's cost (below)
                 "bm25": {"rate": 0.910, "k": 0.0},
                 "embed": {"rate": 1.316, "k": 0.0},
                 "ppl": {"rate": 1.913, "k": 1.531e18 / _PAPER_NT_7B},
@@ -84,20 +87,29 @@ class MethodModel:
     s_fit: float  # selection share at the fit's scale
     k: float  # selection FLOPs per (selection-model parameter · pool token)
     lam_interval: tuple[float, float] | None = None
+    relative: bool = False  # predictions are shares of the attainable gain, not P
+    per_token: float = 0.0  # selection FLOPs per pool token whatever the selection model is
 
     def predict(self, f: float, lam: float | None = None) -> float:
         return float(curve(self.s_fit + f, self.pbar, self.p0,
                            self.lam if lam is None else lam, 1.0))
 
 
-def paper_prior(n_train: float) -> list[MethodModel]:
-    size = min(PAPER_PRIOR["sizes"], key=lambda s: abs(np.log(s / n_train)))
-    ref = PAPER_PRIOR["sizes"][size]
+# ccds's default sentence encoder, all-MiniLM-L6-v2: 6 layers of width 384, so ≈ 12·6·384²
+# non-embedding parameters, 2 FLOPs each per pool token
+ENCODER_PARAMS = 12 * 6 * 384**2
+
+
+def paper_prior(n_train: float, encoder_params: float = ENCODER_PARAMS) -> list[MethodModel]:
+    """The paper's curves as shapes: P̄ = 1 and P0 = 0, so a prediction is the share of the
+    attainable gain. `encoder_params`: what embed's encoder costs per pool token / 2 (0: the
+    paper's free embeddings, as `ccds plan` priced them before)."""
     out = []
     for name, m in PAPER_PRIOR["methods"].items():
         lam = m["rate"] * _PAPER_FULL_7B / 1e18  # per C_full at 7B
         s_fit = m["k"] * _PAPER_NT_7B / _PAPER_FULL_7B
-        out.append(MethodModel(name, ref["pbar"], ref["p0"], lam, s_fit, m["k"]))
+        out.append(MethodModel(name, 1.0, 0.0, lam, s_fit, m["k"], relative=True,
+                               per_token=2.0 * encoder_params if name == "embed" else 0.0))
     return out
 
 
@@ -134,6 +146,7 @@ class Option:
     training_flops: float
     predicted: float
     interval: tuple[float, float] | None
+    relative: bool = False  # `predicted` is a share of the attainable gain
 
     @property
     def total(self) -> float:
@@ -152,7 +165,7 @@ def plan(budget: float, n_train: float, n_sel: float, pool_tokens: float,
     c_full = c_full_k * n_train * pool_tokens
     options, ruled_out = [], []
     for m in models:
-        c_sel = m.k * n_sel * pool_tokens / tasks
+        c_sel = (m.k * n_sel + m.per_token) * pool_tokens / tasks
         if c_sel >= budget:
             ruled_out.append((m.name, f"its selection alone costs {c_sel:.3g} FLOPs, more than "
                                       f"the budget {budget:.3g}"))
@@ -162,7 +175,7 @@ def plan(budget: float, n_train: float, n_sel: float, pool_tokens: float,
         if m.lam_interval is not None:
             lo_hi = tuple(sorted((m.predict(f, m.lam_interval[0]),
                                   m.predict(f, m.lam_interval[1]))))
-        options.append(Option(m.name, f, c_sel, f * c_full, m.predict(f), lo_hi))
+        options.append(Option(m.name, f, c_sel, f * c_full, m.predict(f), lo_hi, m.relative))
     options.sort(key=lambda o: -o.predicted)
     return options, ruled_out
 
@@ -173,10 +186,11 @@ def explain(options: list[Option], ruled_out: list[tuple[str, str]], budget: flo
         return ("No method fits this budget: " + "; ".join(f"{m}: {w}" for m, w in ruled_out)
                 + ". Raise the budget or use a smaller selection model.")
     best = options[0]
+    what = "share of the attainable gain" if best.relative else ""
     text = (f"Use {best.method} on {best.fraction:.1%} of the pool: its selection costs "
             f"{best.selection_flops:.3g} FLOPs ({best.selection_flops / budget:.0%} of the "
             f"budget) and training {best.training_flops:.3g}, for a predicted "
-            f"{best.predicted:.2f}")
+            f"{what + ' ' if what else ''}{best.predicted:.2f}")
     if best.interval:
         text += f" [{best.interval[0]:.2f}, {best.interval[1]:.2f}]"
     text += "."
@@ -192,5 +206,10 @@ def explain(options: list[Option], ruled_out: list[tuple[str, str]], budget: flo
         text += (f" {o.method} spends {o.selection_flops / budget:.0%} of the budget on "
                  f"selection, which leaves {o.fraction:.1%} of the pool for training; sharing "
                  f"its selection over more than {tasks} task(s) would lower that price.")
+    if best.relative:
+        text += (" Predictions are shares of the gain over zero-shot that full training would "
+                 "bring: the prior's curves are another model's on another task, so P in your "
+                 "units is withheld until it is measured (ccds run measures P0 on V; "
+                 "--pilot or --fits plan from your own runs).")
     text += f" (Curves: {source}; full training costs {c_full:.3g} FLOPs.)"
     return text
