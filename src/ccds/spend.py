@@ -278,11 +278,19 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
         raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing after the "
                         f"decision: {decision.reason}", None, "raise the budget")
     # the final run: the winner's scores (paid once), training on what is left
+    chosen = next((o for o in decision.options if o.method == decision.method), None)
+    before = world.ledger.total("selection")
     world._scores(decision.method)
     left = budget - world.spent
     res, stages = world._train(decision.method, left, cfg.out / "final", "train")
     for s in stages:
         world.ledger.add(Stage(**s))
+    stages_plan = {  # (planned at the decision, spent)
+        "pilot": (decision.pilot_budget, decision.pilot_flops),
+        "final selection": (chosen.selection_flops if chosen else None,
+                            world.ledger.total("selection") - before),
+        "final training": (chosen.training_flops if chosen else None,
+                           res.stage.analytic_flops)}
     wall = {"rate": None if rate is None else rate.source, "calibration_s": calibration_s,
             "actual_s": time.perf_counter() - t0}
     if rate is not None:
@@ -291,7 +299,7 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
             s.analytic_flops / rate.per_stage["train" if s.kind == "training" else
                                               "score" if "score" in rate.per_stage else "train"]
             for s in world.ledger.stages)
-    return _finish(world, decision, res, budget, log, wall)
+    return _finish(world, decision, res, budget, log, wall | {"stages": stages_plan})
 
 
 def _per_example(enc, counts: dict[str, int], full: bool = False) -> np.ndarray:
@@ -346,8 +354,10 @@ def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall:
         "ledger": charged, "reported": world.reported.to_dict(),
         "spent_by_kind": {k: world.ledger.total(k) for k in ("selection", "training",
                                                               "evaluation")},
+        "planned_vs_spent": wall.pop("stages"),
         "wall": wall | {"charged_s": world.ledger.total(field_="wall_s")},
     }
+    _plot(report, cfg.out / "report.png")
     write_json(cfg.out / "report.json", report)
     write_text(cfg.out / "report.md", _markdown(report))
     log(f"{decision.method} on {res.stage.detail['examples']} examples: T NLL "
@@ -389,10 +399,59 @@ def _markdown(r: dict) -> str:
         lines += [f"Wall clock: the budget is {w['predicted_s']:.0f} s at the rate {w['rate']}; "
                   f"the charged work was predicted at {w['charged_predicted_s']:.0f} s and took "
                   f"{w['actual_s']:.0f} s (the command, the final T evaluation aside).", ""]
-    lines += ["| spent on | FLOPs |", "|---|---|"]
+    lines += ["| stage | planned at the decision | spent |", "|---|---|---|"]
+    lines += [f"| {k} | {'' if a is None else f'{a:.4g}'} | {b:.4g} |"
+              for k, (a, b) in r["planned_vs_spent"].items()]
+    lines += ["", "| spent on | FLOPs |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in r["spent_by_kind"].items()]
+    lines += [f"| **total charged** | **{r['charged_flops']:.4g}** of {r['budget_flops']:.4g} |",
+              "", "![pilot, fits and spend](report.png)"]
     t = r["final"]["T"]
     lines += ["", f"Final ({r['final']['examples']} examples): T NLL {t['nll']:.4f}"
               + (f", accuracy {t['accuracy']:.3f}" if t.get("accuracy") is not None else "")
               + " (recorded, not charged).", ""]
     return "\n".join(lines)
+
+
+def _plot(r: dict, path: Path) -> None:
+    """Left: the pilot's arms on V and each option's predicted curve, the choice marked.
+    Right: the budget beside what was charged, by kind."""
+    from .analyse.render import pyplot, save_png
+
+    plt = pyplot()
+    d = r["decision"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    colors = plt.get_cmap("tab10")
+    methods = sorted({o["method"] for o in d["options"]} | {x["method"] for x in d["arms"]})
+    lo = min([x["fraction"] for x in d["arms"]] + [o["fraction"] for o in d["options"]] + [0.01])
+    f = np.geomspace(lo / 2, 1, 101)  # pilots sit at small fractions: a log axis
+    for i, m in enumerate(methods):
+        pts = [x for x in d["arms"] if x["method"] == m]
+        if pts:
+            a.errorbar([x["fraction"] for x in pts], [x["p"] for x in pts],
+                       yerr=[x["se"] or 0 for x in pts], fmt="o", color=colors(i), label=m)
+        o = next((o for o in d["options"] if o["method"] == m), None)
+        if o is not None and d["headroom"] is not None and d["p0"] is not None:
+            a.plot(f, d["p0"] + d["headroom"] * (1 - np.exp(-o["lam"] * f)), color=colors(i),
+                   ls="-" if o["basis"] == "pilot" else ":",
+                   label=None if pts else f"{m} (prior)")
+            if m == d["method"]:
+                a.plot([o["fraction"]], [d["p0"] + o["gain"]], marker="*", ms=14,
+                       color=colors(i), ls="none", label=f"choice: {m} {o['fraction']:.1%}")
+    if d["p0"] is not None:
+        a.axhline(d["p0"], color="grey", lw=0.8, ls="--", label="zero-shot P0")
+    a.set(xscale="log", xlabel="training fraction of the pool", ylabel="P = −NLL on V",
+          title="pilot on V and predicted gains" if d["arms"] else "no pilot (prior only)")
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
+    kinds = list(r["spent_by_kind"])
+    bottom = 0.0
+    for i, k in enumerate(kinds):
+        v = r["spent_by_kind"][k]
+        b.bar(["charged"], [v], bottom=bottom, color=colors(i + 5), label=k)
+        bottom += v
+    b.bar(["budget"], [r["budget_flops"]], color="lightgrey")
+    b.set(ylabel="FLOPs", title="budget and charge")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
