@@ -15,7 +15,8 @@ The adaptive rule (README, "Spending a budget"):
    doubles its fraction while the pilot budget lasts.
 4. The fit: one headroom A = P̄ − P0 shared by every method, calibrated on the pilot's points
    under the prior's shapes, then each piloted method's own λ from its points; unpiloted
-   methods keep the prior's λ (and say so). Every option is predicted as a gain over the
+   methods keep the prior's λ scaled by how the piloted methods' rates compare with the
+   prior's (and say "prior"). Every option is predicted as a gain over the
    measured P0 on V, at the fraction B leaves it after its unpaid selection.
 5. The choice: the best prediction, except that the default is kept unless the pilot beat it
    by more than `z` standard errors of V (a small V decides nothing by noise), and an
@@ -162,21 +163,24 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
         final_f = affordable(world, default, left)
         slack = left - price[default] - world.training_cost(default, final_f)
         pilot_budget = min(pilot_budget, slack)
-    fr0 = _pilot_fraction(world, methods, price, pilot_budget - world.eval_cost())
     arms: list[Arm] = []
     start = world.spent
     p0 = p0_se = None
-    if fr0 is not None:
-        order = sorted(methods, key=lambda m: (price[m], m))
+    order = sorted(methods, key=lambda m: (price[m], m))
+    for k in range(len(order), min_arms - 1, -1):  # the priciest arms go first when tight
+        fr0 = _pilot_fraction(world, order[:k], price, pilot_budget - world.eval_cost())
+        if fr0 is None:
+            continue
         cost = {m: price[m] + world.training_cost(m, fr0) + world.eval_cost() for m in order}
         chosen, total = [], world.eval_cost()  # P0 on V first
-        for m in order:
+        for m in order[:k]:
             if total + cost[m] <= pilot_budget:
                 chosen.append(m)
                 total += cost[m]
         if len(chosen) >= min_arms:
             p0, p0_se = world.zero_shot()
             arms = _halving(world, chosen, fr0, start + pilot_budget)
+            break
     pilot_flops = world.spent - start
     left = budget - world.spent
 
@@ -184,9 +188,16 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
     lams, basis = dict(lam0), dict.fromkeys(methods, "prior")
     a = _headroom(arms, p0, lam0) if arms else None
     if a is not None:
-        for m in {arm.method for arm in arms}:
+        piloted = sorted({arm.method for arm in arms})
+        for m in piloted:
             lams[m] = _lam_from_points([x for x in arms if x.method == m], p0, a, lam0[m])
             basis[m] = "pilot"
+        # the prior's rates are another model's on another task: scaled by how the piloted
+        # methods' rates here compare with the prior's (geometric mean of the ratios)
+        kappa = math.exp(float(np.mean([math.log(lams[m] / lam0[m]) for m in piloted])))
+        for m in methods:
+            if m not in piloted:
+                lams[m] = kappa * lam0[m]
     options = []
     for m in methods:
         f = affordable(world, m, left)
@@ -243,15 +254,15 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
 
 def _pilot_fraction(world: World, methods: Sequence[str], price: dict[str, float],
                     pilot_budget: float) -> float | None:
-    """The first round's fraction: the smallest allowed one in a discrete world; else what
-    lets every arm and a second round of the better half fit, or else one round (at most 5%,
-    at least 0.5%)."""
+    """The first round's fraction for these arms: the smallest allowed one in a discrete
+    world; else what lets every arm and a second round of the better half fit, or else one
+    round (at most 5%, at least 0.5%)."""
     if pilot_budget <= 0:
         return None
     if world.fractions is not None:
         return min(world.fractions)
     n, half = len(methods), math.ceil(len(methods) / 2)
-    sel = sum(sorted(price.values())[:n])
+    sel = sum(price[m] for m in methods)
     v, c = world.eval_cost(), world.c_full
     f = (pilot_budget - sel - (n + half) * v) / ((n + 2 * half) * c)  # two rounds
     if f < 0.005:
