@@ -175,3 +175,48 @@ def test_a_budget_in_hours_is_priced_from_this_machines_measured_throughput(
     assert w["actual_s"] > 0 and w["charged_predicted_s"] > 0
     assert rep["charged_flops"] <= rep["budget_flops"]
     assert "Wall clock" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_pools_and_budgets_never_exceed_the_budget(tiny_model_dir, tmp_path, seed):
+    """Property: over random synthetic pools (size, seed), budgets (log-uniform from a few
+    examples' training to several C_full), pilot shares and method sets, the charged total
+    never passes B."""
+    import numpy as np
+
+    from ccds.data.formats import load_examples
+    from ccds.train import TrainConfig, training_cost
+
+    rng = np.random.default_rng(seed)
+    d = tmp_path / "data"
+    assert ccds("data", "synth", "--out", d, "--n-pool", int(rng.integers(30, 120)), "--seed",
+                seed, "--n-val", int(rng.integers(2, 10)), "--n-test", "4").returncode == 0
+    c_full = training_cost(load_examples(d / "pool.jsonl"),
+                           TrainConfig(model=str(tiny_model_dir))).analytic
+    budget = c_full * float(np.exp(rng.uniform(np.log(0.02), np.log(4.0))))
+    methods = list(rng.choice(["random", "bm25", "dsir", "embed"], size=int(rng.integers(1, 4)),
+                              replace=False))
+    r = ccds("run", "--pool", d / "pool.jsonl", "--target", d / "targets" / "synth-boolean",
+             "--model", tiny_model_dir, "--budget", budget, "--out", tmp_path / "out",
+             "--pilot-share", float(rng.uniform(0.05, 0.5)), "--seed", seed,
+             *[x for m in methods for x in ("--method", m)])
+    if r.returncode == 2:  # a budget below one example's training: said, nothing written
+        assert "trains on nothing" in one_error_line(r)
+        assert not (tmp_path / "out" / "report.json").exists()
+        return
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["charged_flops"] <= budget and rep["within_budget"]
+    assert rep["decision"]["pilot_flops"] <= rep["decision"]["pilot_budget"] + 1e-6
+
+
+def test_a_target_without_v_is_one_line_and_writes_nothing(synth, tmp_path):
+    import shutil
+
+    t = tmp_path / "t"
+    shutil.copytree(synth / "targets" / "synth-arithmetic", t)
+    (t / "val.jsonl").write_text("")
+    r = ccds("run", "--pool", synth / "pool.jsonl", "--target", t, "--budget", "1e15",
+             "--out", tmp_path / "out")
+    assert "no validation examples" in one_error_line(r)
+    assert not (tmp_path / "out").exists()

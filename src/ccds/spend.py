@@ -117,13 +117,8 @@ class LiveWorld:
 
     def subset(self, name: str, flops: float) -> np.ndarray:
         """The best-scored examples whose training (cfg.epochs) costs at most `flops`."""
-        from .select import select
-
-        cost = self.per_example * self.cfg.train.epochs
-        if flops < cost.min():
-            raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the cheapest "
-                            f"costs {cost.min():.3g})")
-        return np.sort(select(self._scores(name).values, tokens=int(flops), lengths=cost))
+        return best_within(self._scores(name).values, self.per_example * self.cfg.train.epochs,
+                           flops)
 
     def _v(self, model, label: str) -> tuple[float, float | None, Stage]:
         from .evaluate import evaluate
@@ -300,6 +295,27 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
                                               "score" if "score" in rate.per_stage else "train"]
             for s in world.ledger.stages)
     return _finish(world, decision, res, budget, log, wall | {"stages": stages_plan})
+
+
+def best_within(scores: np.ndarray, costs: np.ndarray, flops: float) -> np.ndarray:
+    """Pool indices (sorted) of the best-scored examples whose training costs add up to at
+    most `flops`: in rank order, then later cheaper ones that still fit."""
+    from .select import select
+
+    if flops < costs.min():
+        raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the cheapest "
+                        f"costs {costs.min():.3g})")
+    return np.sort(select(scores, tokens=int(flops), lengths=costs))
+
+
+def example_costs(examples, cfg: TrainConfig, tokenizer) -> np.ndarray:
+    """Analytic FLOPs of training on each example for `cfg.epochs` (its adapters included)."""
+    from .models import counts_without_weights
+    from .tokenize import encode
+
+    counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
+    return _per_example(encode(examples, tokenizer, cfg.max_len), counts,
+                        full=not cfg.lora) * cfg.epochs
 
 
 def _per_example(enc, counts: dict[str, int], full: bool = False) -> np.ndarray:
