@@ -40,6 +40,7 @@ def test_run_charges_every_flop_and_stays_within_budget(synth, tiny_model_dir, t
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["within_budget"] and rep["charged_flops"] <= budget
+    assert rep["charged_measured_flops"] <= budget  # padding included, as it ran
     assert rep["charged_measured_flops"] == pytest.approx(rep["charged_flops"], rel=0.05)
     kinds = {s["kind"] for s in rep["ledger"]["stages"]}
     assert "training" in kinds
@@ -207,6 +208,7 @@ def test_random_pools_and_budgets_never_exceed_the_budget(tiny_model_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["charged_flops"] <= budget and rep["within_budget"]
+    assert rep["charged_measured_flops"] <= budget
     assert rep["decision"]["pilot_flops"] <= rep["decision"]["pilot_budget"] + 1e-6
 
 

@@ -263,7 +263,8 @@ def test_a_flops_cap_stops_before_the_step_that_would_pass_it(tiny, seed):
                grad_accum=int(rng.integers(1, 3)))
     counts = param_counts(model)
     free = plan_steps(enc, cfg, counts)
-    costs = [step_flops(enc, g, counts) for g in free]
+    costs = [step_flops(enc, g, counts, padded=True) for g in free]
+    assert all(step_flops(enc, g, counts) <= c for g, c in zip(free, costs, strict=True))
     cap = float(rng.uniform(costs[0], sum(costs) * 1.2))
     capped = plan_steps(enc, cfg.model_copy(update={"max_flops": cap}), counts)
     spent = sum(costs[:len(capped)])
@@ -274,8 +275,8 @@ def test_a_flops_cap_stops_before_the_step_that_would_pass_it(tiny, seed):
 
 def test_training_under_a_flops_cap_charges_no_more_than_it(tiny):
     """The ledger's analytic charge equals what was planned before loading anything and
-    stays under the cap; the measured count agrees within 5%; a cap below one step is one
-    clear error."""
+    stays under the cap, and so does the measured count (it sees the padding the cap prices);
+    a cap below one step is one clear error."""
     from ccds.tokenize import encode
     from ccds.train import planned_flops
 
@@ -292,6 +293,7 @@ def test_training_under_a_flops_cap_charges_no_more_than_it(tiny):
         planned_flops(_varied(), cfg.model_copy(update={"max_flops": cap}), tok), rel=1e-12)
     assert 0 < r.steps < len(plan_steps(encode(_varied(), tok), cfg))
     assert abs(st.measured_flops / st.analytic_flops - 1) < 0.05
+    assert st.measured_flops <= cap
     with pytest.raises(CcdsError, match="buys no step"):
         train(_varied(), cfg.model_copy(update={"max_flops": 1.0}), model=model,
               tokenizer=tok, progress=None)

@@ -549,18 +549,24 @@ def eval_cmd(
 
 @app.command("demo")
 def demo_cmd(out: Annotated[Path, Opt(help="report folder")] = Path("demo-out"),
-             fraction: Annotated[float, Opt(help="fraction of the pool to train on")] = 0.1,
+             fraction: Annotated[float, Opt(help="sizes the budget: training on this "
+                                                 "fraction of the pool")] = 0.1,
+             budget_x: Annotated[float, Opt(help="every method's budget (selection + "
+                                                 "training), in trainings on --fraction")]
+             = 2.0,
+             spend: Annotated[bool, Opt(help="end with `ccds run` on the same budget")] = True,
              methods: Annotated[str | None, Opt(help="comma-separated; default: all")] = None,
              target: Annotated[str, Opt(help="synthetic target to select for")] = "",
              n_pool: Annotated[int, Opt(min=50)] = 1000,
              n_test: Annotated[int, Opt(min=5)] = 60,
              seed: Annotated[int, Opt()] = 0,
              model: Annotated[str, Opt()] = "smollm2-135m"):
-    """The whole loop on the embedded defaults: data, select, train, evaluate, report."""
+    """The whole loop on the embedded defaults, every method on the same budget: data,
+    select, train, evaluate, then `ccds run` on that budget; report."""
     from .demo import DemoConfig, run_demo
 
     run_demo(_config(DemoConfig, None, dict(
-        out=out, fraction=fraction, n_pool=n_pool, n_test=n_test, seed=seed, model=model,
+        out=out, fraction=fraction, budget_x=budget_x, spend=spend, n_pool=n_pool, n_test=n_test, seed=seed, model=model,
         target=target or None,
         methods=[m.strip() for m in methods.split(",")] if methods else None)))
 

@@ -1,8 +1,11 @@
 """`ccds demo`: the whole loop on the embedded defaults, on a laptop CPU.
 
-generate data -> evaluate the base model -> for each selection method: score, select a
-fraction, LoRA-train, evaluate -> print the table with the FLOPs ledger -> write a report
-folder (JSON, Markdown, plot). Everything runs offline.
+generate data -> evaluate the base model -> give every selection method the same total
+budget (selection + training): score, train on the best-scored examples what is left pays
+for, evaluate -> print the table with the FLOPs ledger -> spend the same budget once more
+with `ccds run` (pilot on V, decide, train) -> write a report folder (JSON, Markdown, plot).
+A cheap method trains on more data than an expensive one; a method whose scoring alone
+costs the budget is ruled out. Everything runs offline.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from .train import TrainConfig, train
 
 class DemoConfig(BaseModel):
     out: Path = Path("demo-out")
-    fraction: float = Field(0.1, gt=0, le=1)
+    fraction: float = Field(0.1, gt=0, le=1, description="sizes the budget: the budget is "
+                            "budget_x times what training on this fraction costs")
+    budget_x: float = Field(2.0, gt=0, description="the budget, in trainings on `fraction`")
+    spend: bool = Field(True, description="end with `ccds run` on the same budget")
     n_pool: int = Field(1000, ge=50)
     n_val: int = Field(8, ge=1)
     n_test: int = Field(60, ge=5)
@@ -50,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .data.sources import save_target
     from .data.synth import generate
     from .score import REGISTRY, Context, get_method, run
-    from .select import select
+    from .spend import best_within, example_costs
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole rows
     t_start = time.perf_counter()
@@ -70,13 +76,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_examples(pool, data_dir / "pool.jsonl")
     for t in targets:
         save_target(t, data_dir / "targets" / t.name)
-    console.print(f"[bold]ccds demo[/]: pool of {len(pool)} synthetic examples, "
-                  f"{len(targets)} targets; selecting {cfg.fraction:.0%} for "
-                  f"[bold]{target.name}[/] with {', '.join(methods)}")
-
     rt = pick_runtime(cfg.train.device, cfg.train.dtype)
     model, tok, ref = load_causal_lm(cfg.model, runtime=rt)
     rt.place(model)
+    tcfg = cfg.train.model_copy(update={"seed": cfg.seed, "model": cfg.model})
+    costs = example_costs(pool, tcfg, tok)
+    budget = cfg.budget_x * cfg.fraction * float(costs.sum())
+    console.print(f"[bold]ccds demo[/]: pool of {len(pool)} synthetic examples, "
+                  f"{len(targets)} targets; every method gets {budget:.3g} FLOPs "
+                  f"(selection + training; {cfg.budget_x:g}x training on {cfg.fraction:.0%}) "
+                  f"for [bold]{target.name}[/]: {', '.join(methods)}")
     console.print(f"model {cfg.model} ({ref.fingerprint[:12]}), {rt.device.type} {rt.dtype_name}")
 
     others = cfg.eval.model_copy(update={"generate": False, "max_examples": cfg.n_test_others})
@@ -90,16 +99,25 @@ def run_demo(cfg: DemoConfig) -> dict:
     baseline = evaluate_all(model, base_ledger, "base")
     console.print(f"base model evaluated in {base_ledger.total(None, 'wall_s'):.0f} s")
 
-    runs = []
+    runs, ruled_out = [], []
     for name in methods:
         ledger = Ledger()
         method = get_method(name, seed=cfg.seed)
+        price = method.cost(pool, target)
+        if price >= budget - costs.min():
+            ruled_out.append({"method": name, "selection_cost_estimate": price})
+            console.print(f"  {name}: its selection alone costs {price:.3g} FLOPs, "
+                          f"{price / budget:.1f}x the budget: ruled out")
+            continue
         scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=ledger, cache=None)
-        idx = select(scores.values, fraction=cfg.fraction)
+        left = budget - scores.stage.analytic_flops
+        idx = best_within(scores.values, costs, left)
+        if method.order == "given":
+            idx = method.train_order(pool, idx, Context(runtime=rt))
         subset = [pool[i] for i in idx]
         write_examples(subset, cfg.out / "runs" / name / "subset.jsonl")
-        tcfg = cfg.train.model_copy(update={"seed": cfg.seed})
-        result = train(subset, tcfg, model=model, tokenizer=tok, runtime=rt, ledger=ledger,
+        result = train(subset, tcfg.model_copy(update={"max_flops": left}), model=model,
+                       tokenizer=tok, runtime=rt, ledger=ledger,
                        out=cfg.out / "runs" / name, progress=f"train {name}")
         evals = evaluate_all(result.model, ledger, name)
         model = result.model.unload()  # drop the adapter: the next method starts from base
@@ -113,11 +131,27 @@ def run_demo(cfg: DemoConfig) -> dict:
         console.print(f"  {name}: {on_target}/{len(idx)} selected from the target's "
                       f"families; {target.name} nll {baseline[target.name]['nll']:.3f} -> "
                       f"{r['nll']:.3f}")
+    spent = None
+    if cfg.spend:  # the same budget, spent by ccds run's own decision
+        from .spend import RunConfig, run_budget
+
+        console.print(f"[bold]ccds run[/] on the same {budget:.3g} FLOPs:")
+        rep = run_budget(RunConfig(
+            pool=str(data_dir / "pool.jsonl"), target=str(data_dir / "targets" / target.name),
+            budget=budget, methods=[m for m in methods if m not in
+                                    {r["method"] for r in ruled_out}],
+            train=tcfg, eval=cfg.eval.model_copy(update={"generate": False}), seed=cfg.seed,
+            out=cfg.out / "run"), log=lambda line: console.print(f"  {line}"))
+        spent = {"method": rep["decision"]["method"], "examples": rep["final"]["examples"],
+                 "reason": rep["decision"]["reason"], "arms": len(rep["decision"]["arms"]),
+                 "charged": rep["charged_flops"], "nll": rep["final"]["T"]["nll"],
+                 "spent_by_kind": rep["spent_by_kind"]}
     report = {"config": cfg.model_dump(mode="json"), "model": ref.fingerprint,
               "runtime": {"device": rt.device.type, "dtype": rt.dtype_name},
               "target": target.name, "targets": [t.name for t in evaluated],
-              "pool_size": len(pool), "baseline": baseline,
+              "pool_size": len(pool), "budget": budget, "baseline": baseline,
               "baseline_ledger": base_ledger.to_dict(), "runs": runs,
+              "ruled_out": ruled_out, "run": spent,
               "wall_s": time.perf_counter() - t_start}
     console.print(demo_table(report))
     write_demo_report(report, cfg.out)
@@ -160,6 +194,14 @@ def demo_rows(report: dict) -> list[dict]:
                      "sel_s": tot["selection"]["wall_s"], "train_s": tot["training"]["wall_s"],
                      "nll": ev[target]["nll"], "metric": _metric(ev[target]),
                      "others": sum(ev[t]["nll"] for t in others) / max(len(others), 1)})
+    if report.get("run"):
+        r = report["run"]
+        k = r["spent_by_kind"]
+        rows.append({"method": f"ccds run: {r['method']}", "selected": f"{r['examples']} "
+                     f"({r['arms']} pilot arms)", "sel": k["selection"], "train": k["training"],
+                     "total": k["selection"] + k["training"], "eval": k["evaluation"],
+                     "sel_s": None, "train_s": None, "nll": r["nll"], "metric": "—",
+                     "others": None})
     return rows
 
 
@@ -172,7 +214,8 @@ def _cells(r: dict) -> list[str]:
         return ("—" if x is None else f"{x:.0f}")
     return [r["method"], r["selected"], _fmt_flops(r["sel"]), _fmt_flops(r["train"]),
             _fmt_flops(r["total"]), _fmt_flops(r["eval"]), sec(r["sel_s"]), sec(r["train_s"]),
-            f"{r['nll']:.3f}", r["metric"], f"{r['others']:.3f}"]
+            f"{r['nll']:.3f}", r["metric"],
+            "—" if r["others"] is None else f"{r['others']:.3f}"]
 
 
 def demo_table(report: dict):
@@ -192,11 +235,19 @@ def write_demo_report(report: dict, out: Path) -> None:
     rows = demo_rows(report)
     cfg = report["config"]
     md = ["# ccds demo\n",
-          f"Pool: {report['pool_size']} synthetic examples; selecting {cfg['fraction']:.0%} "
-          f"for **{report['target']}**; model {cfg['model']} with LoRA on "
-          f"{report['runtime']['device']} ({report['runtime']['dtype']}); "
+          f"Pool: {report['pool_size']} synthetic examples; every method gets the same "
+          f"{report['budget']:.3g} FLOPs for selection + training on **{report['target']}** "
+          f"({cfg['budget_x']:g}x training on {cfg['fraction']:.0%}); model {cfg['model']} with "
+          f"LoRA on {report['runtime']['device']} ({report['runtime']['dtype']}); "
           f"whole run {report['wall_s'] / 60:.1f} min.\n",
           markdown_table(HEADERS, [_cells(r) for r in rows]), "",
+          *[f"{r['method']}: ruled out, its selection alone costs "
+            f"{r['selection_cost_estimate']:.3g} FLOPs.\n" for r in report["ruled_out"]],
+          *([f"**ccds run** on the same budget chose {report['run']['method']} "
+             f"({report['run']['arms']} pilot arms; {report['run']['reason']}) and trained on "
+             f"{report['run']['examples']} examples, charging {report['run']['charged']:.3g} "
+             f"FLOPs in all: target NLL {report['run']['nll']:.3f}. Its report: run/report.md."
+             "\n"] if report.get("run") else []),
           "target NLL: mean response NLL on the target's test set (lower is better); "
           "target metric: its accuracy or exact match; other NLL: mean NLL over the other "
           "targets. FLOPs use the ccds analytic convention (see `ccds.flops`); every ledger "
@@ -213,13 +264,14 @@ def plot_demo(rows: list[dict], report: dict, path: Path) -> None:
     a.bar(names, [r["nll"] for r in rows], color=["#999"] + ["#3b7dd8"] * (len(rows) - 1))
     a.set_ylabel(f"NLL on {report['target']} test (lower is better)")
     a.set_title("target loss after LoRA on the selected subset")
-    runs = rows[1:]
+    runs = [r for r in rows[1:] if r["others"] is not None]  # the methods, not ccds run
     sel = [r["sel"] or 0 for r in runs]
     tr = [r["train"] or 0 for r in runs]
     xs = [r["method"] for r in runs]
     b.bar(xs, tr, label="training", color="#3b7dd8")
     b.bar(xs, sel, bottom=tr, label="selection", color="#e8833a")
     b.set_ylabel("FLOPs")
+    b.axhline(report["budget"], color="#444", ls="--", lw=1, label="budget")
     b.set_title("compute spent: selection + training")
     b.legend()
     for ax in (a, b):

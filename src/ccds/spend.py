@@ -71,6 +71,8 @@ class LiveWorld:
     rt: object
     c_full: float
     per_example: np.ndarray  # analytic training FLOPs of each pool example, one epoch
+    enc: object  # the pool, encoded as training encodes it
+    train_counts: dict  # the trained model's parameter counts, adapters included
     v_flops: float
     pool_tokens: int
     fractions: None = None
@@ -82,7 +84,9 @@ class LiveWorld:
 
     @property
     def spent(self) -> float:
-        return self.ledger.total()
+        """The charge so far, in the larger of the analytic and the measured count (which
+        also sees padding): the budget holds in both."""
+        return max(self.ledger.total(), self.ledger.total(field_="measured_flops"))
 
     def method(self, name: str):
         from .score import get_method
@@ -116,9 +120,25 @@ class LiveWorld:
         return self.scores[name]
 
     def subset(self, name: str, flops: float) -> np.ndarray:
-        """The best-scored examples whose training (cfg.epochs) costs at most `flops`."""
-        return best_within(self._scores(name).values, self.per_example * self.cfg.train.epochs,
-                           flops)
+        """The best-scored examples whose training (cfg.epochs) costs at most `flops`, padded
+        batches included: taken by their real costs, then fewer while the planned padded run
+        would not fit (so the cap trims nothing, and the measured count fits too)."""
+        from .tokenize import Encoded
+        from .train import plan_steps, step_flops
+
+        values, costs = self._scores(name).values, self.per_example * self.cfg.train.epochs
+        cfg = self.cfg.train.model_copy(update={"seed": self.cfg.seed})
+        goal = flops
+        for _ in range(6):
+            idx = best_within(values, costs, goal)
+            e = self.enc
+            sub = Encoded([e.ids[i] for i in idx], e.n_prompt[idx], e.n_suffix[idx])
+            padded = sum(step_flops(sub, g, self.train_counts, full=not cfg.lora, padded=True)
+                         for g in plan_steps(sub, cfg, self.train_counts))
+            if padded <= flops:
+                break
+            goal *= 0.999 * flops / padded
+        return idx
 
     def _v(self, model, label: str) -> tuple[float, float | None, Stage]:
         from .evaluate import evaluate
@@ -248,11 +268,12 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     rt.place(model)
     counts = param_counts(model)  # the frozen model: what its V evaluations run
     enc = encode(pool, tok, tcfg.max_len)  # training runs with the adapters: priced with them
-    per = _per_example(enc, counts_without_weights(tcfg.model, tcfg if tcfg.lora else None),
-                       full=not tcfg.lora)
+    train_counts = counts_without_weights(tcfg.model, tcfg if tcfg.lora else None)
+    per = _per_example(enc, train_counts, full=not tcfg.lora)
     v_enc = encode(target.val, tok, cfg.eval.max_len)
     world = LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
-                      c_full=float(per.sum() * tcfg.epochs), per_example=per,
+                      c_full=float(per.sum() * tcfg.epochs), per_example=per, enc=enc,
+                      train_counts=train_counts,
                       v_flops=forward_flops(counts, encoded_work(v_enc)),
                       pool_tokens=enc.n_tokens, log=log)
     import time
@@ -362,7 +383,7 @@ def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall:
     report = {
         "config": cfg.model_dump(mode="json"), "budget_flops": budget,
         "charged_flops": total, "charged_measured_flops": measured,
-        "within_budget": total <= budget,
+        "within_budget": total <= budget and measured <= budget,
         "decision": decision.to_dict(), "final": {
             "method": decision.method, "examples": res.stage.detail["examples"],
             "ids": res.stage.detail.get("ids"), "training_flops": res.stage.analytic_flops,

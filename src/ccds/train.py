@@ -67,9 +67,9 @@ class TrainConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens")
     max_flops: float | None = Field(
-        None, gt=0, description="a hard cap on training FLOPs (ccds convention): the run "
-        "stops before the first step that would pass it, the schedule planned for the steps "
-        "that fit")
+        None, gt=0, description="a hard cap on training FLOPs (ccds convention, padded "
+        "batches priced as they run): the run stops before the first step that would pass "
+        "it, the schedule planned for the steps that fit")
     batch_tokens: int = Field(4096, ge=16, description="token budget of one micro-batch")
     micro_tokens: int | None = Field(
         None, ge=1, description="the most padded tokens one forward/backward holds: a bigger "
@@ -124,16 +124,19 @@ class TrainResult:
 
 
 def step_flops(enc: Encoded, group: list[np.ndarray], counts: dict[str, int],
-               full: bool = False) -> float:
+               full: bool = False, padded: bool = False) -> float:
     """Analytic FLOPs of one optimizer step, as the Meter will charge it (the loss covers the
-    response and its end-of-turn suffix); known before the step runs."""
+    response and its end-of-turn suffix); known before the step runs. `padded`: what the
+    matmuls actually run, every row as long as its micro-batch's longest (what a measured
+    count sees, and what a FLOPs cap holds)."""
     from .flops import Work, full_step_flops, lora_step_flops
 
     w = Work()
     resp = enc.response_lengths
     for ix in group:
         lengths = enc.lengths[ix]
-        w.add(lengths, int(resp[ix].sum()), len(ix) * int(lengths.max()))
+        width = int(lengths.max())
+        w.add([width] * len(ix) if padded else lengths, int(resp[ix].sum()), len(ix) * width)
     return (full_step_flops if full else lora_step_flops)(counts, w)
 
 
@@ -141,7 +144,9 @@ def plan_steps(enc: Encoded, cfg: TrainConfig, counts: dict[str, int] | None = N
                ) -> list[list[np.ndarray]]:
     """The whole run as optimizer steps, each a list of micro-batch index arrays. With
     `cfg.max_flops` (and the model's `counts` to price steps), the run ends before the first
-    step that would pass the cap: planned up front, so the schedule decays over what runs."""
+    step that would pass the cap, padding included (so the charge, which counts real tokens,
+    and the measured count both stay under it): planned up front, so the schedule decays
+    over what runs."""
     lengths = enc.lengths
     steps: list[list[np.ndarray]] = []
     tokens, flops = 0, 0.0
@@ -158,7 +163,7 @@ def plan_steps(enc: Encoded, cfg: TrainConfig, counts: dict[str, int] | None = N
             if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
                 return steps
             if cfg.max_flops is not None:
-                flops += step_flops(enc, g, counts, full=not cfg.lora)
+                flops += step_flops(enc, g, counts, full=not cfg.lora, padded=True)
                 if flops > cfg.max_flops:
                     return steps
             steps.append(g)
@@ -260,7 +265,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     steps = plan_steps(enc, cfg, counts)
     if not steps:
         first = step_flops(enc, plan_steps(enc, cfg.model_copy(update={"max_flops": None}),
-                                           counts)[0], counts, full=not cfg.lora)
+                                           counts)[0], counts, full=not cfg.lora, padded=True)
         raise CcdsError(f"a training budget of {cfg.max_flops:.3g} FLOPs buys no step: the "
                         f"first costs {first:.3g}", None,
                         "raise max_flops, or lower batch_tokens / grad_accum")
