@@ -131,7 +131,7 @@ def encoded_work(enc, suffix: bool = False) -> Work:
     return w
 
 
-def _attention(p: dict[str, int], w: Work) -> float:
+def attention_flops(p: dict[str, int], w: Work) -> float:
     """Score and value matmuls of one pass: the full L×L product on every layer."""
     return 4 * p["n_layer"] * p["d_attn"] * w.tokens_sq
 
@@ -139,18 +139,18 @@ def _attention(p: dict[str, int], w: Work) -> float:
 def forward_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, one forward pass (LoRA adapters included when present)."""
     return (2 * (p["active"] + p["lora"]) * w.tokens + 2 * p["head"] * w.head_tokens
-            + _attention(p, w))
+            + attention_flops(p, w))
 
 
 def lora_step_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, forward + backward of a LoRA step: ≈ 4·N·T + 6·N_lora·T + attention."""
     return (4 * p["active"] * w.tokens + 4 * p["head"] * w.head_tokens
-            + 6 * p["lora"] * w.tokens + 3 * _attention(p, w))
+            + 6 * p["lora"] * w.tokens + 3 * attention_flops(p, w))
 
 
 def full_step_flops(p: dict[str, int], w: Work) -> float:
     """ccds convention, forward + backward with every weight trained: ≈ 6·N·T + attention."""
-    return 6 * p["active"] * w.tokens + 6 * p["head"] * w.head_tokens + 3 * _attention(p, w)
+    return 6 * p["active"] * w.tokens + 6 * p["head"] * w.head_tokens + 3 * attention_flops(p, w)
 
 
 def _keys(c: int, window: int) -> int:

@@ -126,10 +126,12 @@ class TrainResult:
 def step_flops(enc: Encoded, group: list[np.ndarray], counts: dict[str, int],
                full: bool = False, padded: bool = False) -> float:
     """Analytic FLOPs of one optimizer step, as the Meter will charge it (the loss covers the
-    response and its end-of-turn suffix); known before the step runs. `padded`: what the
-    matmuls actually run, every row as long as its micro-batch's longest (what a measured
-    count sees, and what a FLOPs cap holds)."""
-    from .flops import Work, full_step_flops, lora_step_flops
+    response and its end-of-turn suffix); known before the step runs. `padded`: an upper
+    bound on what the matmuls actually run (what a measured count sees, and what a FLOPs cap
+    holds): every row as long as its micro-batch's longest, and attention's backward
+    recomputing the scores (fused kernels such as CPU SDPA and flash attention do), half a
+    forward attention more."""
+    from .flops import Work, attention_flops, full_step_flops, lora_step_flops
 
     w = Work()
     resp = enc.response_lengths
@@ -137,7 +139,8 @@ def step_flops(enc: Encoded, group: list[np.ndarray], counts: dict[str, int],
         lengths = enc.lengths[ix]
         width = int(lengths.max())
         w.add([width] * len(ix) if padded else lengths, int(resp[ix].sum()), len(ix) * width)
-    return (full_step_flops if full else lora_step_flops)(counts, w)
+    recompute = attention_flops(counts, w) / 2 if padded else 0.0
+    return (full_step_flops if full else lora_step_flops)(counts, w) + recompute
 
 
 def plan_steps(enc: Encoded, cfg: TrainConfig, counts: dict[str, int] | None = None
