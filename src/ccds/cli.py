@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from .data.formats import SubsetFormat
 from .errors import CcdsError
 from .io import load_config as _config
 from .io import parse_params as _params
@@ -121,6 +122,10 @@ def data_stats(pool: Annotated[str, typer.Argument(help="pool file, folder or hu
 METHODS = ("random", "bm25", "dsir", "embed", "ppl", "less", "cascade", "s2l",
            "least_confidence", "mid_ppl", "learnability", "facility_location", "curriculum")
 MethodOpt = Annotated[str, Opt(help=f"selection method: {', '.join(METHODS)}")]
+FORMAT_HELP = ("layout of the subset: ccds (the --out suffix picks .jsonl, .parquet or a "
+               "HF folder), messages (chat JSONL: TRL, open-instruct), prompt-completion "
+               "(TRL), alpaca or sharegpt (.json, with a LLaMA-Factory dataset_info.json "
+               "entry beside it)")
 ParamOpt = Annotated[list[str] | None, Opt(help="method parameter name=value (repeatable)")]
 
 
@@ -206,7 +211,8 @@ def score_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF fold
 @app.command("select")
 def select_cmd(
         pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder or hub id")],
-        out: Annotated[Path, Opt(help="subset: .jsonl, .parquet or a HF dataset folder")],
+        out: Annotated[Path, Opt(help="subset: .jsonl, .parquet or a HF dataset folder "
+                                      "(--format ccds), else .jsonl or .json")],
         method: Annotated[str | None, Opt(help=f"selection method: {', '.join(METHODS)} "
                                                "(default: random, or the --scores' method)")]
         = None,
@@ -221,11 +227,12 @@ def select_cmd(
         param: ParamOpt = None,
         seed: Annotated[int, Opt()] = 0,
         model: Annotated[str, Opt(help="tokenizer for --tokens")] = "smollm2-135m",
-        fmt: Annotated[Literal["jsonl", "parquet", "hf"] | None, Opt("--format")] = None):
-    """Score the pool with a method (or read scores) and write the selected subset."""
-    from .data.formats import write_examples
+        fmt: Annotated[SubsetFormat, Opt("--format", help=FORMAT_HELP)] = "ccds"):
+    """Score the pool with a method (or read scores) and write the selected subset, with a
+    <stem>.selection.json beside it: ids, scores, method, parameters and the pool's hash."""
+    from .data.formats import check_subset_path, write_subset
     from .score import REGISTRY, Context, get_method
-    from .score.base import scores_for
+    from .score.base import scores_for, selection_record
     from .select import select
     from .train import TrainConfig, training_cost
 
@@ -233,6 +240,7 @@ def select_cmd(
         raise CcdsError("give exactly one of --fraction, --count, --tokens or --flops")
     if fraction is not None and not 0 < fraction <= 1:
         raise CcdsError(f"--fraction {fraction} is outside (0, 1]", None, "e.g. --fraction 0.05")
+    check_subset_path(out, fmt)
     if scores is not None:
         examples = _load_pool(pool)
         sc = scores_for(scores, examples, method)
@@ -250,10 +258,15 @@ def select_cmd(
                  selection_flops=sc.stage.analytic_flops)
     if m is not None and m.order == "given":
         idx = m.train_order(examples, idx, Context())
-    write_examples([examples[i] for i in idx], out, fmt)
+    budget = dict(fraction=fraction, count=count, tokens=tokens, flops=flops,
+                  model=model if cost is not None else None)
+    side = write_subset([examples[i] for i in idx], out, fmt, sidecar=selection_record(
+        sc, examples, idx, m, pool=pool, target=target, budget=budget,
+        scores_file=None if scores is None else str(scores)))
     typer.echo(f"{sc.method}: selected {len(idx)} of {len(examples)} -> {out} "
                f"(selection {sc.stage.analytic_flops:.3e} FLOPs, "
-               f"{sc.stage.wall_s:.1f} s{', cached' if sc.cached else ''})")
+               f"{sc.stage.wall_s:.1f} s{', cached' if sc.cached else ''}; ids and scores in "
+               f"{side.name})")
     if m is not None and m.order == "given":
         typer.echo("the subset is written in curriculum order: train with --order given")
 

@@ -6,6 +6,9 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 
 class CcdsError(Exception):
     """Bad input or configuration: the message says what, where, and what to do."""
@@ -16,3 +19,13 @@ class CcdsError(Exception):
         if fix:
             parts.append(fix)
         super().__init__(" — ".join(parts))
+
+
+def require(module: str, extra: str, what: str) -> ModuleType:
+    """`module`, imported where an optional part is used. Missing, it is a CcdsError naming
+    the ccds extra that installs it: a missing extra is the user's to fix, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise CcdsError(f"{what} needs {e.name or module}, which is not installed", None,
+                        f"pip install 'ccds[{extra}]'") from None

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from .errors import CcdsError
+from .errors import CcdsError, require
 from .io import atomic_dir, file_sha256, stable_hash, write_json
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -232,11 +232,10 @@ def _load_target(runtime: Runtime | None) -> tuple[torch.dtype, torch.device | N
 
 def load_sentence_encoder(name: str = "minilm", device: str = "cpu"):
     """A sentence-transformers encoder; aliases resolve to the embedded files."""
-    from sentence_transformers import SentenceTransformer
-
+    st = require("sentence_transformers", "embed", "the embed method")
     ref = resolve(name)
     try:
-        return SentenceTransformer(ref.path, device=device), ref
+        return st.SentenceTransformer(ref.path, device=device), ref
     except (OSError, ValueError) as e:
         raise CcdsError(f"cannot load sentence encoder '{name}' ({_first_line(e)})") from None
 

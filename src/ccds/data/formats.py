@@ -2,7 +2,9 @@
 
 Candidate pools arrive in whatever layout their authors chose; `load_examples` recognises the
 common ones so a user can point ccds at a file without writing a converter, and every bad row
-is reported as one line naming the file and the line (or row index).
+is reported as one line naming the file and the line (or row index). Selected subsets leave
+in the layouts the training stacks read (`write_subset`, spec §8), each with a sidecar that
+ties it to its pool and method so it can be checked (`check_sidecar`) and reproduced.
 """
 
 from __future__ import annotations
@@ -12,12 +14,23 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from .. import __version__
 from ..errors import CcdsError
-from ..io import atomic_dir, atomic_path, iter_jsonl, read_json, walk_files, write_jsonl
+from ..io import (
+    atomic_dir,
+    atomic_path,
+    file_sha256,
+    iter_jsonl,
+    locked,
+    read_json,
+    walk_files,
+    write_json,
+    write_jsonl,
+)
 from .types import Example
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -122,6 +135,147 @@ def write_examples(examples: Iterable[Example], path: str | os.PathLike,
                 datasets.enable_progress_bars()
 
 
+# --- subsets for the training stacks -------------------------------------------------------
+
+SubsetFormat = Literal["ccds", "messages", "prompt-completion", "alpaca", "sharegpt"]
+"""ccds: `write_examples`' layouts (the suffix picks JSONL, Parquet or a HF folder);
+messages: chat JSONL (TRL, open-instruct); prompt-completion: TRL's standard prompt-completion;
+alpaca and sharegpt: LLaMA-Factory's two layouts (axolotl reads alpaca too)."""
+SUBSET_FORMATS: tuple[SubsetFormat, ...] = get_args(SubsetFormat)
+SUBSET_SUFFIX: dict[SubsetFormat, str] = {"ccds": ".jsonl", "messages": ".jsonl",
+                                          "prompt-completion": ".jsonl", "alpaca": ".json",
+                                          "sharegpt": ".json"}
+"""The usual file suffix of each format, for callers that name the subset file themselves."""
+SIDECAR_SUFFIX = ".selection.json"
+DATASET_INFO = "dataset_info.json"
+_SIDECAR_NEEDS = ("method", "params", "pool_hash", "scores")
+# LLaMA-Factory's description of each of its layouts, as a dataset_info.json entry holds it
+_LLAMA_FACTORY: dict[str, dict[str, Any]] = {
+    "alpaca": {"columns": {"prompt": "instruction", "query": "input", "response": "output"}},
+    "sharegpt": {"columns": {"messages": "conversations"},
+                 "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+                          "assistant_tag": "gpt"}},
+}
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """`<stem>.selection.json` beside a subset file or folder."""
+    path = Path(path)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+def write_subset(examples: Sequence[Example], path: str | os.PathLike,
+                 format: SubsetFormat = "ccds", *, sidecar: dict[str, Any]) -> Path:
+    """Write a selected subset, in selection order, for the stack that will train on it;
+    returns the sidecar's path.
+
+    The sidecar (`<stem>.selection.json`) is what makes the subset checkable and
+    reproducible: the caller's `method`, `params`, `pool_hash` (`score.base.examples_hash`
+    of the pool; this layer does not compute it, so it cannot drift from the scorer's) and
+    `scores` (one per example, in the same order), plus any other keys it passes (budget,
+    target); the ids, the format and the file's SHA-256 are added here. alpaca and sharegpt
+    also get their entry, named after the stem, in the folder's LLaMA-Factory
+    `dataset_info.json` (merged into one already there). Each file is written atomically:
+    the subset first, then its sidecar, then the entry.
+    """
+    path = check_subset_path(path, format)
+    missing = [k for k in _SIDECAR_NEEDS if k not in sidecar]
+    if missing or len(sidecar["scores"]) != len(examples):
+        raise ValueError(f"sidecar needs {', '.join(_SIDECAR_NEEDS)} with one score per "
+                         f"example (missing {missing}, {len(examples)} examples)")
+    if format == "ccds":
+        write_examples(examples, path)
+    else:
+        rows = [_subset_row(e, format) for e in examples]
+        if path.suffix == ".json":
+            write_json(path, rows)
+        else:
+            write_jsonl(path, rows)
+    side = sidecar_path(path)
+    head = {"format": format, "file": path.name,
+            "sha256": file_sha256(path) if path.is_file() else None, "n": len(examples),
+            "ccds_version": __version__}
+    tail = {"ids": [e.id for e in examples], "scores": list(sidecar["scores"])}
+    write_json(side, head | {k: v for k, v in sidecar.items() if k not in head | tail} | tail)
+    if format in _LLAMA_FACTORY:
+        _add_dataset_info(path, {"file_name": path.name, "formatting": format,
+                                 **_LLAMA_FACTORY[format], "num_samples": len(examples)})
+    return side
+
+
+def check_subset_path(path: str | os.PathLike, format: SubsetFormat) -> Path:
+    """`path` if a subset in `format` may be written there; callers check before scoring, so
+    a bad name fails before the work rather than after it."""
+    path = Path(path)
+    if format not in SUBSET_FORMATS:
+        raise CcdsError(f"unknown subset format {format!r}", str(path),
+                        f"use one of {', '.join(SUBSET_FORMATS)}")
+    if format != "ccds" and (path.suffix not in (".jsonl", ".json")
+                             or path.name == DATASET_INFO):
+        stem = "subset" if path.name == DATASET_INFO else path.stem
+        raise CcdsError(f"a {format} subset is a .jsonl or .json file other than "
+                        f"{DATASET_INFO}", str(path), f"name it e.g. {stem}"
+                        f"{SUBSET_SUFFIX[format]}")
+    return path
+
+
+def check_sidecar(path: str | os.PathLike, pool_hash: str) -> dict[str, Any]:
+    """The sidecar of the subset at `path` (or the sidecar itself), checked against the pool
+    the caller means to use it with (`pool_hash`: `score.base.examples_hash` of that pool),
+    so a subset is never trained or reported against a pool it was not selected from; a
+    subset file edited since is refused too. Returns the sidecar."""
+    path = Path(path)
+    side = path if path.name.endswith(SIDECAR_SUFFIX) else sidecar_path(path)
+    if not side.is_file():
+        raise CcdsError("no selection sidecar", str(side),
+                        "select with ccds, which writes one beside the subset")
+    d = read_json(side)
+    if not isinstance(d, dict) or not isinstance(d.get("pool_hash"), str):
+        raise CcdsError("not a selection sidecar (no pool_hash)", str(side),
+                        "give the .selection.json that ccds wrote beside the subset")
+    if d["pool_hash"] != pool_hash:
+        raise CcdsError(f"the subset was selected from another pool (pool hash "
+                        f"{d['pool_hash'][:12]}, this pool's {pool_hash[:12]})", str(side),
+                        "give the pool it was selected from, or select again from this one")
+    data = side.parent / str(d.get("file", ""))
+    if d.get("sha256") and data.is_file() and file_sha256(data) != d["sha256"]:
+        raise CcdsError("the subset file changed after it was selected (SHA-256 differs from "
+                        "its sidecar's)", str(data), "select again rather than edit a subset")
+    return d
+
+
+def _subset_row(e: Example, format: SubsetFormat) -> dict[str, Any]:
+    """One row of a foreign layout; `id` and `source` ride along (open-instruct's Tulu rows
+    carry both; the other readers ignore columns they do not map) so a row can be joined
+    back to the pool."""
+    if format == "messages":
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": e.prompt},
+                                             {"role": "assistant", "content": e.response}]}
+    elif format == "prompt-completion":
+        # TRL joins the two with nothing between; without a chat template ccds trains on
+        # `{prompt}\n{response}` (tokenize.Formatter), so the newline is written here
+        body = {"prompt": e.prompt + "\n", "completion": e.response}
+    elif format == "alpaca":
+        body = {"instruction": e.prompt, "input": "", "output": e.response}
+    else:
+        body = {"conversations": [{"from": "human", "value": e.prompt},
+                                  {"from": "gpt", "value": e.response}]}
+    return {"id": e.id, **body, "source": e.source}
+
+
+def _add_dataset_info(path: Path, entry: dict[str, Any]) -> None:
+    """Put `entry` under the subset's stem in the folder's dataset_info.json, keeping the
+    others; under a lock, so parallel selections into one folder do not drop each other's."""
+    info = path.parent / DATASET_INFO
+    with locked(path.parent / f".{DATASET_INFO}.lock"):
+        entries = read_json(info) if info.exists() else {}
+        if not isinstance(entries, dict):
+            raise CcdsError(f"expected a JSON object, got {type(entries).__name__}", str(info),
+                            "LLaMA-Factory's dataset_info.json maps names to datasets; move "
+                            "this file away")
+        write_json(info, entries | {path.stem: entry})
+
+
 # --- reading rows -------------------------------------------------------------------------
 
 
@@ -150,9 +304,11 @@ def _rows(ref: str | os.PathLike, split: str) -> Iterator[Row]:
 
 
 def _data_files(folder: Path, split: str) -> list[Path]:
-    """Data files under `folder` (linked folders included, hidden ones not); when some are
-    named after `split` (HF repo style), only those."""
-    files = sorted(p for p in walk_files(folder) if p.suffix in FILE_SUFFIXES)
+    """Data files under `folder` (linked folders included, hidden ones not; subset sidecars
+    and LLaMA-Factory's dataset_info.json are metadata); when some are named after `split`
+    (HF repo style), only those."""
+    files = sorted(p for p in walk_files(folder) if p.suffix in FILE_SUFFIXES
+                   and not p.name.endswith(SIDECAR_SUFFIX) and p.name != DATASET_INFO)
     in_split = [p for p in files
                 if split in re.split(r"[-_./\\]", str(p.relative_to(folder)))]
     return in_split or files

@@ -22,10 +22,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.types import Example, Target
-from ..errors import CcdsError
+from ..errors import CcdsError, require
 from ..flops import Ledger, Meter, Stage
 from ..models import Runtime, cache_dir, pick_runtime
 
@@ -60,6 +60,14 @@ class Backend(BaseModel):
     stall_s: float = Field(1800, gt=0, description="give up when no shard has come back for "
                            "this long (actors waiting for resources wait forever); more than "
                            "a model load plus one shard's scoring")
+
+    @model_validator(mode="after")
+    def _installed(self) -> Backend:
+        """Ray asked for but not installed fails here, where the setting is read, naming the
+        extra: not after a pool and a model have loaded, and not as a traceback."""
+        if self.kind == "ray":
+            require("ray.data", "dist", "the ray backend")
+        return self
 
 
 @dataclass
@@ -114,6 +122,11 @@ class Method(ABC):
     def fingerprint(self) -> str:
         """Identity of the scorer beyond its parameters (e.g. a model's content hash)."""
         return ""
+
+    def check_installed(self) -> None:
+        """Raise `errors.require`'s line if an optional library this method needs is missing.
+        `run` calls it first: the cache key alone may load a model, and scoring may train one."""
+        return None  # most methods need nothing beyond ccds's own dependencies
 
     #: "given": train on the subset in the order `train_order` returns (a curriculum)
     order = "shuffle"
@@ -241,6 +254,7 @@ def run(method: Method, pool: Sequence[Example], target: Target | None = None, *
         raise CcdsError(f"method '{method.name}' needs a target", None, "pass --target")
     if not pool:
         raise CcdsError("the pool is empty", None, "give a pool with at least one example")
+    method.check_installed()
     ctx = ctx or Context()
     path = None
     if cache is not None:
@@ -347,3 +361,18 @@ def target_hash(target: Target | None) -> str:
     if target is None:
         return ""
     return hashlib.sha256((target.name + examples_hash(target.val)).encode()).hexdigest()
+
+
+def selection_record(scores: Scores, pool: Sequence[Example], idx: Sequence[int] | np.ndarray,
+                     method: Method | None = None, /, **extra: Any) -> dict[str, Any]:
+    """The sidecar `data.formats.write_subset` writes beside a subset of `pool` (the examples
+    at `idx`, in that order), so the subset can be checked against its pool and reproduced:
+    the method and its parameters (None for scores another program wrote), the pool's
+    content hash and size, each selected example's score (None where not finite: the file
+    is strict JSON), and whatever else the caller adds (`extra`: the pool's path, budget,
+    target)."""
+    values = scores.values[np.asarray(idx, dtype=np.int64)]
+    return {"method": scores.method,
+            "params": None if method is None else method.params.model_dump(mode="json"),
+            "pool_hash": examples_hash(pool), "pool_size": len(pool), **extra,
+            "scores": [float(v) if np.isfinite(v) else None for v in values]}

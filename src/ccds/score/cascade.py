@@ -50,6 +50,10 @@ class Cascade(Method):
     def fingerprint(self) -> str:
         return self.cheap.fingerprint() + "|" + self.expensive.fingerprint()
 
+    def check_installed(self) -> None:
+        self.cheap.check_installed()
+        self.expensive.check_installed()
+
     def cost(self, pool, target) -> float:
         return self.cheap.cost(pool, target) + self.params.keep * self.expensive.cost(pool, target)
 

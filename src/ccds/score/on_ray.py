@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import ray  # here only through a Backend(kind="ray"), whose check named the extra if missing
 import torch
 
 from ..data.types import Example
@@ -37,8 +38,6 @@ STATS = ("analytic_flops", "paper_flops", "measured_flops", "tokens", "padded_to
 
 def ray_reduce(fn: Callable[[Sequence[Example]], object], shards: list, b: Backend) -> list:
     """`fn` of each shard as a Ray task, in order."""
-    import ray
-
     connect(b.address)
     task = ray.remote(num_cpus=b.cpus_per_actor, max_retries=3)(_apply)
     return ray.get([task.remote(fn, list(s)) for s in shards])
@@ -81,11 +80,6 @@ def connect(address: str | None) -> None:
     RAY_BACKEND_LOG_LEVEL the user set is kept, with everything it prints. Errors still reach
     the user as exceptions, and Ray's warnings as lines.
     """
-    try:
-        import ray
-    except ImportError:
-        raise CcdsError("the ray backend needs Ray", None,
-                        "pip install 'ccds[dist]' (ray[data])") from None
     if not ray.is_initialized():
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             _quiet)
@@ -140,8 +134,6 @@ def _fit_actors(b: Backend, gpus: float) -> int:
     """How many actors to start: `b.concurrency`, or fewer (with a warning) so that a CPU is
     left for Ray Data's read tasks. Without one, the actors start, hold every CPU and wait
     for input that never comes. Counted over the whole cluster's CPUs (and GPUs)."""
-    import ray
-
     have = ray.cluster_resources()
     fit = int((have.get("CPU", 0) - 1) // b.cpus_per_actor)
     if gpus:
@@ -226,8 +218,6 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
     progress = bar(len(pool), desc if ctx.progress else None, unit="ex")
     progress.update(sum(hi - lo for i, (lo, hi) in enumerate(bounds) if i not in todo))
     if todo:
-        import ray
-
         connect(b.address)
         files = [_write_shard(root / f"in-{i:05d}.parquet", pool, *bounds[i]) for i in todo]
         gpus = b.gpus_per_actor

@@ -14,6 +14,7 @@ checks they agree), so one scoring serves every fraction.
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Literal
 
@@ -21,6 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from ..data.composition import cluster_purity
+from ..errors import require
 from . import proxy
 
 KMeansBackend = Literal["auto", "faiss", "sklearn"]
@@ -41,6 +43,9 @@ class S2L(proxy.ProxyMethod):
     def cost(self, pool, target) -> float:
         p = self.params
         return proxy.cost(p, pool) + kmeans_flops(len(pool), p.k, p.checkpoints, p.kmeans_iters)
+
+    def check_installed(self) -> None:
+        kmeans_library(self.params.backend)
 
     def score(self, pool, target, ctx, meter) -> np.ndarray:
         p = self.params
@@ -82,23 +87,27 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 25,
            backend: KMeansBackend = "auto") -> np.ndarray:
     """Cluster labels in 0..k-1 (k capped at the number of distinct rows): seeded k-means++
     initialisation, then Lloyd iterations in faiss (or scikit-learn)."""
+    lib = kmeans_library(backend)
     x = np.ascontiguousarray(x, dtype=np.float32)
     init = kmeans_pp(x, k, seed)
     k = len(init)
-    if backend in ("auto", "faiss"):
-        try:
-            import faiss
-        except ImportError:
-            if backend == "faiss":
-                raise
-        else:
-            km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False,
-                              min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-            km.train(x, init_centroids=init)
-            return km.index.search(x, 1)[1].ravel().astype(np.int64)
-    from sklearn.cluster import KMeans
+    if lib.__name__ == "faiss":
+        km = lib.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False,
+                        min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+        km.train(x, init_centroids=init)
+        return km.index.search(x, 1)[1].ravel().astype(np.int64)
+    return lib.KMeans(k, init=init, n_init=1, max_iter=iters).fit_predict(x).astype(np.int64)
 
-    return KMeans(k, init=init, n_init=1, max_iter=iters).fit_predict(x).astype(np.int64)
+
+def kmeans_library(backend: KMeansBackend):
+    """faiss or scikit-learn's `sklearn.cluster`, as `backend` says (auto: faiss if
+    installed, else scikit-learn); neither installed is the s2l extra's one line."""
+    if backend == "auto":
+        try:
+            return importlib.import_module("faiss")
+        except ImportError:
+            backend = "sklearn"
+    return require("faiss" if backend == "faiss" else "sklearn.cluster", "s2l", "S2L's k-means")
 
 
 def kmeans_pp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
