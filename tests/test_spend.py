@@ -35,10 +35,18 @@ def test_run_charges_every_flop_and_stays_within_budget(synth, tiny_model_dir, t
 
     c_full = training_cost(load_examples(synth / "pool.jsonl"),
                            TrainConfig(model=str(tiny_model_dir))).analytic
-    budget = scale * c_full
-    r = run(synth, str(tiny_model_dir), tmp_path / "out", budget)
+    budget = scale * c_full  # the subset is written for TRL/open-instruct, with its sidecar
+    r = run(synth, str(tiny_model_dir), tmp_path / "out", budget, "--format", "messages")
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    from ccds.data.formats import check_sidecar, load_examples
+    from ccds.score.base import examples_hash
+
+    side = check_sidecar(tmp_path / "out" / "subset.jsonl",
+                         examples_hash(load_examples(synth / "pool.jsonl")))
+    assert side["ids"] == rep["final"]["ids"] and side["format"] == "messages"
+    first = json.loads((tmp_path / "out" / "subset.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert rep["within_budget"] and rep["charged_flops"] <= budget
     assert rep["charged_measured_flops"] <= budget  # padding included, as it ran
     assert rep["charged_measured_flops"] == pytest.approx(rep["charged_flops"], rel=0.05)

@@ -467,6 +467,9 @@ def run_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder
                                                    "spend")] = 0.15,
             config: Annotated[Path | None, Opt(help="YAML with train/eval settings "
                                                     "(ccds.spend.RunConfig)")] = None,
+            fmt: Annotated[SubsetFormat | None, Opt(
+                "--format", help="the selected subset's file in OUT: ccds, messages, prompt-completion, "
+                     "alpaca or sharegpt (default ccds)")] = None,
             seed: Annotated[int, Opt()] = 0):
     """Spend one budget end to end: pilot on V, decide, select and train, with every FLOP
     charged (never over the budget); resumable."""
@@ -474,7 +477,7 @@ def run_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder
 
     given = dict(pool=pool, target=target, budget=budget, unit=unit, device=device, mfu=mfu,
                  selection_model=selection_model, strategy=strategy, fits=fits,
-                 pilot_share=pilot_share, seed=seed, out=out)
+                 pilot_share=pilot_share, seed=seed, out=out, format=fmt)
     if method:
         given["methods"] = method
     cfg = _config(RunConfig, config, given)

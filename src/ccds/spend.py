@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data.formats import SubsetFormat
 from .decide import Arm, Decision, adaptive, planned
 from .errors import CcdsError
 from .evaluate import EvalConfig
@@ -54,6 +55,8 @@ class RunConfig(BaseModel):
     eval: EvalConfig = EvalConfig(generate=False)
     n_test: int | None = Field(None, ge=1, description="cap on T (per subject/task for MMLU "
                                "and BBH, as in a sweep)")
+    format: SubsetFormat = Field("ccds", description="the selected subset's file, for the stack "
+                                 "that will train on it (a .selection.json sidecar beside it)")
     seed: int = 0
     out: Path = Path("run-out")
 
@@ -230,6 +233,7 @@ class LiveWorld:
         res = train([self.pool[i] for i in idx], cfg, model=self.model, tokenizer=self.tok,
                     runtime=self.rt, ledger=led, out=out, progress=label)
         res.stage.detail["ids"] = [self.pool[i].id for i in idx]
+        res.stage.detail["index"] = [int(i) for i in idx]
         return res, [s.to_dict() for s in led.stages]
 
 
@@ -301,6 +305,7 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     res, stages = world._train(decision.method, left, cfg.out / "final", "train")
     for s in stages:
         world.ledger.add(Stage(**s))
+    _write_subset(world, decision.method, res.stage.detail.pop("index"), budget)
     stages_plan = {  # (planned at the decision, spent)
         "pilot": (decision.pilot_budget, decision.pilot_flops),
         "final selection": (chosen.selection_flops if chosen else None,
@@ -337,6 +342,18 @@ def example_costs(examples, cfg: TrainConfig, tokenizer) -> np.ndarray:
     counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
     return _per_example(encode(examples, tokenizer, cfg.max_len), counts,
                         full=not cfg.lora) * cfg.epochs
+
+
+def _write_subset(world: LiveWorld, method: str, idx: list[int], budget: float) -> None:
+    """The final training's examples, in the configured format, with their sidecar."""
+    from .data.formats import SUBSET_SUFFIX, write_subset
+    from .score.base import selection_record
+
+    cfg = world.cfg
+    write_subset([world.pool[i] for i in idx], cfg.out / f"subset{SUBSET_SUFFIX[cfg.format]}",
+                 cfg.format, sidecar=selection_record(
+                     world.scores[method], world.pool, idx, world.method(method),
+                     pool=cfg.pool, target=cfg.target, budget_flops=budget))
 
 
 def _per_example(enc, counts: dict[str, int], full: bool = False) -> np.ndarray:
