@@ -230,3 +230,27 @@ def test_a_target_without_v_is_one_line_and_writes_nothing(synth, tmp_path):
              "--out", tmp_path / "out")
     assert "no validation examples" in one_error_line(r)
     assert not (tmp_path / "out").exists()
+
+
+class _Overrun(_Toy):
+    """Work measured 3% above its price, as padded batches are."""
+
+    def zero_shot(self):
+        self.spent += 1.03 * self.v
+        self.p0_called = True
+        return -2.0, 0.01
+
+    def trial(self, m, f):
+        arm = super().trial(m, f)
+        self.spent += 0.03 * arm.flops
+        return arm
+
+
+@pytest.mark.parametrize("budget", [60.0, 100.0, 150.0, 400.0])
+def test_a_pilot_that_measures_p0_also_runs_its_arms(budget):
+    """A pilot sized to the last FLOP would stop after P0 when work runs a few percent over
+    its price (a live GSM8K run did): the zero-shot evaluation is only paid for arms."""
+    w = _Overrun({"random": 0.0, "bm25": 0.1, "dsir": 0.2})
+    d = adaptive(w, budget, list(w.sel), {"random": 2.0, "bm25": 4.0})
+    assert bool(d.arms) == getattr(w, "p0_called", False)
+    assert w.spent <= budget

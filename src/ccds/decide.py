@@ -168,13 +168,14 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
     p0 = p0_se = None
     order = sorted(methods, key=lambda m: (price[m], m))
     for k in range(len(order), min_arms - 1, -1):  # the priciest arms go first when tight
-        fr0 = _pilot_fraction(world, order[:k], price, pilot_budget - world.eval_cost())
+        # 5% kept aside: measured counts run a few percent over analytic prices (padding)
+        fr0 = _pilot_fraction(world, order[:k], price, 0.95 * pilot_budget - world.eval_cost())
         if fr0 is None:
             continue
         cost = {m: price[m] + world.training_cost(m, fr0) + world.eval_cost() for m in order}
         chosen, total = [], world.eval_cost()  # P0 on V first
         for m in order[:k]:
-            if total + cost[m] <= pilot_budget:
+            if total + cost[m] <= 0.95 * pilot_budget:
                 chosen.append(m)
                 total += cost[m]
         if len(chosen) >= min_arms:
