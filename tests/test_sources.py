@@ -22,14 +22,17 @@ def data_dir(shared_data) -> Path:
 
 
 def test_data_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCDS_HUB_MIRROR", str(tmp_path / "no-mirror"))  # the hub: not here
     monkeypatch.setenv("CCDS_DATA_DIR", str(tmp_path))
     assert S.default_data_dir() == tmp_path.resolve()
-    with pytest.raises(CcdsError, match="no mmlu/ folder.*CCDS_DATA_DIR"):
+    with pytest.raises(CcdsError, match="no mmlu/ folder.*cais/mmlu.*set CCDS_DATA_DIR"):
         S.load_mmlu()
     monkeypatch.setenv("CCDS_DATA_DIR", str(tmp_path / "absent"))
     assert S.default_data_dir() is None
     with pytest.raises(CcdsError, match="shared data folder not found.*set CCDS_DATA_DIR"):
         S.load_source("gsm8k")
+    with pytest.raises(CcdsError, match="shared data folder not found.*set CCDS_DATA_DIR"):
+        S.load_source("alpaca")
 
 
 # --- MMLU ---------------------------------------------------------------------------------

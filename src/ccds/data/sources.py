@@ -4,6 +4,11 @@ The shared folder (env CCDS_DATA_DIR, else ../shared/data beside the repository)
 BBH, GSM8K, Alpaca and BIG-bench as published; this module turns each into `Example`s and
 the usual target splits: MMLU (V = dev, T = test), BBH (V = the 3 chain-of-thought
 exemplars, T = the examples), GSM8K (V = a few held-out train examples, T = test).
+
+Where no data folder holds MMLU, BBH's examples or GSM8K, they come from their Hugging Face
+hub copies (`HUB_REPOS`) through `datasets.load_dataset`, parsed into the same examples with
+the same ids, so a target is the same whichever source served the rows. BBH's V is not on
+the hub in its published form: it is read from `bbh/cot-prompts/` in the data folder.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import CcdsError
 from ..io import iter_jsonl, read_json, read_text, walk_files, write_json
@@ -59,6 +65,51 @@ def _dataset_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
     return path
 
 
+# --- a data folder, else the hub ----------------------------------------------------------
+
+HubDataset = Literal["mmlu", "bbh", "gsm8k"]
+# BBH: the parquet copy lm-eval reads; lukaemon/bbh is a loading script that datasets >= 4
+# refuses ("Dataset scripts are no longer supported").
+HUB_REPOS: dict[HubDataset, str] = {"mmlu": "cais/mmlu", "bbh": "SaylorTwift/bbh",
+                                    "gsm8k": "openai/gsm8k"}
+_LOCAL_MARKER: dict[HubDataset, str] = {"mmlu": "test/*_test.csv", "bbh": "*.json",
+                                        "gsm8k": "*.jsonl"}
+
+
+def _local_dir(data_dir: str | os.PathLike | None, name: HubDataset) -> Path | None:
+    """<data>/<name> when it holds the dataset's files; None sends the loader to the hub."""
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = base / name if base is not None else None
+    return path if path is not None and any(path.glob(_LOCAL_MARKER[name])) else None
+
+
+def _hub_rows(data_dir: str | os.PathLike | None, name: HubDataset, config: str,
+              split: str) -> tuple[str, list[dict[str, Any]]]:
+    """(where, rows) of one split of `name`'s hub copy, through `datasets.load_dataset`, so
+    the hub cache (HF_HOME) and offline switch (HF_DATASETS_OFFLINE) work as for any dataset;
+    from $CCDS_HUB_MIRROR/<owner>/<name> instead when set (the repository's files as
+    downloaded, for machines that never reach the hub). Neither: one line saying what to set."""
+    import datasets
+
+    repo = HUB_REPOS[name]
+    mirror = os.environ.get("CCDS_HUB_MIRROR")
+    path = str(Path(mirror).expanduser().resolve() / repo) if mirror else repo
+    try:
+        rows = datasets.load_dataset(path, config, split=split).to_list()
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        # unreachable, not cached, not there, no such config or split, unreadable files
+        base = Path(data_dir) if data_dir is not None else default_data_dir()
+        local = f"no {name}/ folder in the shared data ({base})" if base is not None \
+            else f"shared data folder not found (needed for {name})"
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CcdsError(f"{local}, and {path} ({config}, {split}) did not load: {detail}",
+                        None, f"set CCDS_DATA_DIR to a folder holding {name}/; or reach the "
+                        f"hub once (datasets caches it under HF_HOME, read later also with "
+                        f"HF_DATASETS_OFFLINE=1); or set CCDS_HUB_MIRROR to a folder holding "
+                        f"{repo} as downloaded") from None
+    return f"{path} {config}/{split}", rows
+
+
 def _select(kind: str, available: list[str], wanted: list[str] | None) -> list[str]:
     if wanted is None:
         return available
@@ -76,36 +127,72 @@ def _target_metric(test: list[Example]) -> str:
 # --- MMLU ---------------------------------------------------------------------------------
 
 
+MmluSplit = Literal["dev", "val", "test"]
+_MMLU_HUB_SPLIT: dict[MmluSplit, str] = {"dev": "dev", "val": "validation", "test": "test"}
+_MmluRow = tuple[str, list[str], str]  # question, the four options, answer letter
+
+
 def mmlu_subjects(data_dir: str | os.PathLike | None = None) -> list[str]:
-    return sorted(p.name[: -len("_test.csv")]
-                  for p in (_dataset_dir(data_dir, "mmlu") / "test").glob("*_test.csv"))
+    root = _local_dir(data_dir, "mmlu")
+    if root is None:
+        return sorted(_mmlu_hub(data_dir, "dev"))
+    return sorted(p.name[: -len("_test.csv")] for p in (root / "test").glob("*_test.csv"))
 
 
 def load_mmlu(data_dir: str | os.PathLike | None = None, subjects: list[str] | None = None, *,
-              split: str = "test", limit_per_subject: int | None = None) -> list[Example]:
-    """MMLU rows as 4-way multiple choice; the response is the gold letter."""
-    root = _dataset_dir(data_dir, "mmlu")
+              split: MmluSplit = "test", limit_per_subject: int | None = None) -> list[Example]:
+    """MMLU rows as 4-way multiple choice; the response is the gold letter. From the data
+    folder's CSVs, else from cais/mmlu's "all" config (its `subject` column)."""
+    root = _local_dir(data_dir, "mmlu")
+    hub = _mmlu_hub(data_dir, split) if root is None else None
     out: list[Example] = []
-    for subject in _select("MMLU subject", mmlu_subjects(data_dir), subjects):
-        path = root / split / f"{subject}_{split}.csv"
-        if not path.exists():
-            raise CcdsError(f"no MMLU {split} file for {subject}", str(path))
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for i, row in enumerate(reader):
-                if limit_per_subject is not None and i >= limit_per_subject:
-                    break
-                where = f"{path}:{reader.line_num}"
-                if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
-                    raise CcdsError("expected question, A, B, C, D, answer letter", where)
-                question, *options, letter = (c.strip() for c in row)
-                lines = "\n".join(f"{k}. {o}" for k, o in zip("ABCD", options, strict=True))
-                prompt = (f"The following is a multiple choice question about "
-                          f"{subject.replace('_', ' ')}.\n\n{question}\n{lines}\n"
-                          "Answer with the letter of the correct option.")
-                out.append(Example(id=f"mmlu/{subject}/{split}-{i}", prompt=prompt,
-                                   response=letter, source=f"mmlu/{subject}",
-                                   choices=list("ABCD"), answer=letter))
+    for subject in _select("MMLU subject", sorted(hub) if hub is not None
+                           else mmlu_subjects(data_dir), subjects):
+        rows = hub[subject][:limit_per_subject] if hub is not None \
+            else _mmlu_csv(root, subject, split, limit_per_subject)
+        for i, (question, options, letter) in enumerate(rows):
+            lines = "\n".join(f"{k}. {o}" for k, o in zip("ABCD", options, strict=True))
+            prompt = (f"The following is a multiple choice question about "
+                      f"{subject.replace('_', ' ')}.\n\n{question}\n{lines}\n"
+                      "Answer with the letter of the correct option.")
+            out.append(Example(id=f"mmlu/{subject}/{split}-{i}", prompt=prompt,
+                               response=letter, source=f"mmlu/{subject}",
+                               choices=list("ABCD"), answer=letter))
+    return out
+
+
+def _mmlu_csv(root: Path, subject: str, split: str, limit: int | None) -> Iterator[_MmluRow]:
+    """The rows of one subject's CSV (question, A, B, C, D, answer letter), up to `limit`."""
+    path = root / split / f"{subject}_{split}.csv"
+    if not path.exists():
+        raise CcdsError(f"no MMLU {split} file for {subject}", str(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        for i, row in enumerate(reader):
+            if limit is not None and i >= limit:
+                break
+            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                raise CcdsError("expected question, A, B, C, D, answer letter",
+                                f"{path}:{reader.line_num}")
+            question, *options, letter = (c.strip() for c in row)
+            yield question, options, letter
+
+
+def _mmlu_hub(data_dir: str | os.PathLike | None, split: MmluSplit) -> dict[str, list[_MmluRow]]:
+    """cais/mmlu's rows by subject, in hub order: question, subject, choices (4 strings) and
+    answer (0-3, the class label of A-D); cells stripped as the CSV loader strips them."""
+    where, rows = _hub_rows(data_dir, "mmlu", "all", _MMLU_HUB_SPLIT[split])
+    out: dict[str, list[_MmluRow]] = {}
+    for k, r in enumerate(rows):
+        choices, answer = r.get("choices"), r.get("answer")
+        if not (isinstance(r.get("question"), str) and isinstance(r.get("subject"), str)
+                and isinstance(choices, list) and len(choices) == 4
+                and all(isinstance(c, str) for c in choices)
+                and isinstance(answer, int) and 0 <= answer < 4):
+            raise CcdsError("expected question, subject, 4 choices and answer 0-3",
+                            f"{where} row {k}")
+        out.setdefault(r["subject"], []).append(
+            (r["question"].strip(), [c.strip() for c in choices], "ABCD"[answer]))
     return out
 
 
@@ -123,13 +210,30 @@ _OPTION_LABEL = re.compile(r"^(\([A-Z]\))", re.M)
 _MAX_LABEL_SET = 10
 
 
+BBH_TASKS = (
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa",
+    "dyck_languages", "formal_fallacies", "geometric_shapes", "hyperbaton",
+    "logical_deduction_five_objects", "logical_deduction_seven_objects",
+    "logical_deduction_three_objects", "movie_recommendation", "multistep_arithmetic_two",
+    "navigate", "object_counting", "penguins_in_a_table", "reasoning_about_colored_objects",
+    "ruin_names", "salient_translation_error_detection", "snarks", "sports_understanding",
+    "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects",
+    "web_of_lies", "word_sorting")  # the 27 tasks: the hub copy's configs, one per task
+_BBH_COT_FIX = ("BBH's V (the 3 chain-of-thought exemplars per task) is not on the hub: put "
+                "cot-prompts/<task>.txt of github.com/suzgunmirac/BIG-Bench-Hard in "
+                "bbh/cot-prompts/ of CCDS_DATA_DIR")
+
+
 def bbh_tasks(data_dir: str | os.PathLike | None = None) -> list[str]:
-    return sorted(p.stem for p in _dataset_dir(data_dir, "bbh").glob("*.json"))
+    root = _local_dir(data_dir, "bbh")
+    return sorted(p.stem for p in root.glob("*.json")) if root is not None else list(BBH_TASKS)
 
 
 def load_bbh(data_dir: str | os.PathLike | None = None, tasks: list[str] | None = None, *,
              limit_per_task: int | None = None) -> list[Example]:
-    """BBH examples (the usual T): prompt = input, response = answer = target.
+    """BBH examples (the usual T): prompt = input, response = answer = target; from the data
+    folder's bbh/<task>.json, else the hub copy's <task> config (split test, input/target).
 
     Choices: the "(A)".."(K)" labels listed after "Options:" in the input, else (tasks with at
     most 10 distinct targets, e.g. True/False, valid/invalid) the sorted distinct targets.
@@ -137,52 +241,60 @@ def load_bbh(data_dir: str | os.PathLike | None = None, tasks: list[str] | None 
     on commas: 1 in movie_recommendation, 2 in ruin_names); no option can score them, so they
     are dropped.
     """
-    root = _dataset_dir(data_dir, "bbh")
+    root = _local_dir(data_dir, "bbh")
     out: list[Example] = []
     for task in _select("BBH task", bbh_tasks(data_dir), tasks):
-        path = root / f"{task}.json"
-        rows = _bbh_rows(path)
-        labels = sorted({r["target"] for r in rows})
-        label_set = labels if len(labels) <= _MAX_LABEL_SET else None
-        kept = 0
-        for i, r in enumerate(rows):
-            if limit_per_task is not None and kept >= limit_per_task:
-                break
-            options = _OPTION_LABEL.findall(r["input"].partition("Options:")[2])
-            choices = options or label_set
-            if options and r["target"] not in options:
-                log.debug("dropped %s row %d: target %r is not an option", path, i, r["target"])
-                continue
-            out.append(Example(id=f"bbh/{task}/test-{i}", prompt=r["input"],
-                               response=r["target"], source=f"bbh/{task}",
-                               choices=list(choices) if choices else None, answer=r["target"]))
-            kept += 1
+        if root is not None:
+            where = str(root / f"{task}.json")
+            data = read_json(where)
+            rows = data.get("examples") if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise CcdsError("expected {\"examples\": [...]}", where)
+        else:
+            where, rows = _hub_rows(data_dir, "bbh", task, "test")
+        out += _bbh_examples(task, rows, where, limit_per_task)
     return out
 
 
-def _bbh_rows(path: Path) -> list[dict[str, str]]:
-    data = read_json(path)
-    rows = data.get("examples") if isinstance(data, dict) else None
-    if not isinstance(rows, list):
-        raise CcdsError("expected {\"examples\": [...]}", str(path))
+def _bbh_examples(task: str, rows: list[Any], where: str, limit: int | None) -> list[Example]:
+    """One task's rows, from its file or its hub split alike: both sources parse one way."""
     for i, r in enumerate(rows):
         if not (isinstance(r, dict) and isinstance(r.get("input"), str)
                 and isinstance(r.get("target"), str) and r["target"].strip()):
-            raise CcdsError("example needs string input and non-empty target", f"{path} row {i}")
-    return rows
+            raise CcdsError("example needs string input and non-empty target", f"{where} row {i}")
+    labels = sorted({r["target"] for r in rows})
+    label_set = labels if len(labels) <= _MAX_LABEL_SET else None
+    out: list[Example] = []
+    for i, r in enumerate(rows):
+        if limit is not None and len(out) >= limit:
+            break
+        options = _OPTION_LABEL.findall(r["input"].partition("Options:")[2])
+        choices = options or label_set
+        if options and r["target"] not in options:
+            log.debug("dropped %s row %d: target %r is not an option", where, i, r["target"])
+            continue
+        out.append(Example(id=f"bbh/{task}/test-{i}", prompt=r["input"], response=r["target"],
+                           source=f"bbh/{task}", choices=list(choices) if choices else None,
+                           answer=r["target"]))
+    return out
 
 
 def load_bbh_cot(data_dir: str | os.PathLike | None = None,
                  tasks: list[str] | None = None) -> list[Example]:
-    """The 3 chain-of-thought exemplars per task (the usual V).
+    """The 3 chain-of-thought exemplars per task (the usual V), from bbh/cot-prompts/ in the
+    data folder, also when the examples come from the hub (which has no copy of them).
 
     Response = the whole reasoning after "A: "; answer = what follows the last
     "So the answer is " (trailing period stripped), in the same form as the T targets.
     """
-    root = _dataset_dir(data_dir, "bbh") / "cot-prompts"
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = base / "bbh" / "cot-prompts" if base is not None else None
     out: list[Example] = []
     for task in _select("BBH task", bbh_tasks(data_dir), tasks):
-        path = root / f"{task}.txt"
+        path = root / f"{task}.txt" if root is not None else None
+        if path is None or not path.is_file():
+            raise CcdsError(f"no chain-of-thought prompts for BBH task {task}",
+                            str(path) if path is not None else None, _BBH_COT_FIX)
         for i, (question, reasoning, answer) in enumerate(parse_cot_prompt(path)):
             out.append(Example(id=f"bbh/{task}/cot-{i}", prompt=question, response=reasoning,
                                source=f"bbh/{task}", answer=answer))
@@ -212,20 +324,31 @@ def parse_cot_prompt(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 def bbh_target(data_dir: str | os.PathLike | None = None, tasks: list[str] | None = None, *,
                n_test: int | None = None, name: str = "bbh") -> Target:
+    val = load_bbh_cot(data_dir, tasks)  # first: it fails without a download when absent
     test = load_bbh(data_dir, tasks, limit_per_task=n_test)
-    return Target(name, val=load_bbh_cot(data_dir, tasks), test=test,
-                  metric=_target_metric(test), extract="first_line")
+    return Target(name, val=val, test=test, metric=_target_metric(test), extract="first_line")
 
 
 # --- GSM8K --------------------------------------------------------------------------------
 
 
-def load_gsm8k(data_dir: str | os.PathLike | None = None, split: str = "train") -> list[Example]:
-    """GSM8K: response = the full solution, answer = the number after "####" (no commas)."""
-    path = _dataset_dir(data_dir, "gsm8k") / f"{split}.jsonl"
+Gsm8kSplit = Literal["train", "test"]
+
+
+def load_gsm8k(data_dir: str | os.PathLike | None = None,
+               split: Gsm8kSplit = "train") -> list[Example]:
+    """GSM8K: response = the full solution, answer = the number after "####" (no commas).
+    From the data folder's <split>.jsonl, else openai/gsm8k's "main" config (question,
+    answer), in file order either way: V's seeded pick depends on it."""
+    root = _local_dir(data_dir, "gsm8k")
+    if root is not None:
+        path = root / f"{split}.jsonl"
+        rows = [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path)]
+    else:
+        where, hub = _hub_rows(data_dir, "gsm8k", "main", split)
+        rows = [(f"{where} row {k}", row) for k, row in enumerate(hub)]
     out = []
-    for i, (lineno, row) in enumerate(iter_jsonl(path)):
-        where = f"{path}:{lineno}"
+    for i, (where, row) in enumerate(rows):
         question, solution = row.get("question"), row.get("answer")
         if not (isinstance(question, str) and isinstance(solution, str) and "####" in solution):
             raise CcdsError("expected string question and answer ending in '#### <n>'", where)
