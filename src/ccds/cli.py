@@ -331,14 +331,19 @@ def sweep_run(config: Annotated[Path, typer.Argument(help="sweep YAML (see ccds.
 
 
 @app.command("analyze")
-def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, or a "
+def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, a "
                                                      ".csv/.jsonl of runs made anywhere "
-                                                     "(see ccds.analyse.points)")],
+                                                     "(see ccds.analyse.points), or a "
+                                                     "manifest (.yaml/.json, or a folder "
+                                                     "holding ccds-runs.yaml) of Trainer runs "
+                                                     "and lm-eval results (see "
+                                                     "ccds.analyse.stacks)")],
                 out: Annotated[Path | None, Opt(help="report folder (default RUNS/report; "
                                                      "for a file, NAME-report here)")]
                 = None,
                 where: Annotated[list[str] | None, Opt(help="COLUMN=VALUE: only the points "
-                                                           "file's rows with it (repeatable)")]
+                                                           "file's (or manifest's) runs with "
+                                                           "it (repeatable)")]
                 = None,
                 share: Annotated[Literal["none", "pbar", "pbar_p0"],
                                  Opt(help="fit parameters shared by the methods")] = "pbar",
@@ -367,6 +372,14 @@ def analyze_cmd(runs: Annotated[Path, typer.Argument(help="sweep output folder, 
         typer.echo(f"{g['target']} / {g['model']}: {g['runs']} runs; frontier: {fr}")
         if g["fit_error"]:
             typer.echo(f"  fit: {g['fit_error']}")
+    for c in report.get("trainer_total_flos", []):
+        ratio = c["total_flos_ratio"]
+        typer.echo(f"  {c['run']} ({c['trainer_dir']}): {c['tokens']:,} tokens, training "
+                   f"{c['training_flops']:.3e} FLOPs ccds ({c['training']}; 6·N·T "
+                   f"{c['training_paper_flops']:.3e}), Trainer total_flos "
+                   f"{c['trainer_total_flos'] or 0:.3e}"
+                   + (f" ({ratio:.3g}x ccds's; not used)" if ratio is not None else
+                      " (not used)"))
     typer.echo(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'fits.json'}")
 
 

@@ -20,12 +20,15 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from .errors import CcdsError, require
-from .io import atomic_dir, file_sha256, stable_hash, write_json
+from .io import atomic_dir, file_sha256, read_json, stable_hash, write_json
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ALIASES = {
@@ -293,8 +296,9 @@ def _cache_windows(cfg) -> tuple[int, int]:
 
 
 def counts_without_weights(name: str, lora=None) -> dict[str, int]:
-    """param_counts of a model (with LoRA from a TrainConfig) built on the meta device: exact
-    counts for pricing a method before anything is loaded."""
+    """param_counts of a model (with LoRA from a TrainConfig, or a saved adapter's
+    `read_lora`) built on the meta device: exact counts for pricing a method before anything
+    is loaded, or a run trained elsewhere after it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(resolve(name).path)
@@ -326,19 +330,57 @@ def _quiet_peft():
         yield
 
 
-def add_lora(model, cfg: LoraSettings):
-    """`model` with LoRA adapters on `cfg.target_modules`, seeded by `cfg.seed`."""
+def add_lora(model, cfg: LoraSettings | LoraConfig):
+    """`model` with LoRA adapters on `cfg.target_modules`, seeded by `cfg.seed` (`cfg`: a
+    LoraSettings, or a peft LoraConfig from `read_lora`, applied as it was saved)."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are random: same seed, same init
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    if isinstance(cfg, LoraConfig):
+        lcfg = copy.deepcopy(cfg)  # peft writes into the config it is given
+        lcfg.base_model_name_or_path = None  # else peft warns the base is renamed
+    else:
+        torch.manual_seed(cfg.seed)  # LoRA A matrices are random: same seed, same init
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     try:
         with _quiet_peft():
             return get_peft_model(model, lcfg)
     except ValueError as e:
         raise CcdsError(f"cannot add LoRA ({e})", None,
                         "set target_modules to the model's projection layer names") from None
+
+
+def read_lora(folder: Path) -> LoraConfig | None:
+    """The LoRA a run saved (peft's adapter_config.json in `folder`, as a LoraConfig), or None
+    without one: a run trained elsewhere is priced with the adapter it really had."""
+    from peft import LoraConfig
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    saved = read_json(path)
+    kind = saved.get("peft_type") if isinstance(saved, dict) else None
+    if kind != "LORA":
+        raise CcdsError(f"not a LoRA adapter config (peft_type {kind!r})", str(path),
+                        "ccds prices LoRA and full fine-tuning; give peft's LoRA config")
+    try:
+        with _quiet_peft():
+            return LoraConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise CcdsError(f"unreadable LoRA config ({_first_line(e)})", str(path),
+                        "give the adapter_config.json that peft saved") from None
+
+
+def load_tokenizer(name: str):
+    """A model's tokenizer without its weights (to count a subset's tokens)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name).path)
+    except (OSError, ValueError) as e:
+        raise CcdsError(f"cannot load the tokenizer of '{name}' ({_first_line(e)})", None,
+                        "name a model or folder that has one") from None
 
 
 def save_adapter(path: Path, model) -> None:

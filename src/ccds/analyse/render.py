@@ -215,7 +215,29 @@ def markdown(report: dict) -> str:
             if pairs:
                 lines.append(f"- overlap at {float(f):.1%}: " + ", ".join(pairs))
         lines += [""] + [f"![{k}]({v})" for k, v in g["plots"].items()] + [""]
+    if report.get("trainer_total_flos"):
+        lines += trainer_flos_lines(report["trainer_total_flos"])
     return "\n".join(lines)
+
+
+def trainer_flos_lines(checks: list[dict]) -> list[str]:
+    """The Trainer's own `total_flos` beside ccds's count, per run: shown, never used."""
+    def num(x):
+        return "—" if x is None else f"{x:.3e}"
+
+    rows = [[c["run"], c["training"], f"{c['tokens']:,}", num(c["training_flops"]),
+             num(c["attention_flops"]), num(c["training_paper_flops"]),
+             num(c["trainer_total_flos"]),
+             "—" if c["total_flos_ratio"] is None else f"{c['total_flos_ratio']:.3g}x"]
+            for c in checks]
+    return ["## The Trainer's total_flos beside ccds's count", "",
+            "Training FLOPs above are ccds's (LoRA: 4·N·T + 6·N_lora·T, the head and "
+            "attention); the Trainer's total_flos is 6 × every non-embedding weight (frozen "
+            "and LoRA ones included) × the tokens it ran, padding included: a cross-check, "
+            "not used. Attention —: no subset lengths to count it from, so left out.", "",
+            markdown_table(["run", "training", "tokens T", "ccds", "of which attention",
+                            "6·N·T (paper)", "Trainer total_flos", "total_flos / ccds"],
+                           rows), ""]
 
 
 def html(report: dict, out: Path) -> str:

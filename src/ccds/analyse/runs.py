@@ -31,6 +31,7 @@ from .frontier import (
 )
 from .render import html, markdown, plot_group
 
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")  # Trainer runs named by a manifest (stacks.py)
 BREAK_EVEN_RESAMPLES = 20  # the break-even interval's resamples (at most `bootstrap`)
 
 
@@ -48,8 +49,9 @@ def load_points(runs: list[dict], convention: str) -> dict[tuple[str, str], list
 def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
             convention: str = "ccds", bootstrap: int = 200, p0: str = "measured",
             where: dict[str, str] | None = None) -> dict:
-    """`runs_dir`: a sweep's output folder (its run store), or a CSV/JSONL of points from
-    anywhere (`points.read_points`; `where` filters its rows). p0: "measured" fixes each
+    """`runs_dir`: a sweep's output folder (its run store), a CSV/JSONL of points from
+    anywhere (`points.read_points`), or Trainer runs with lm-eval results named by a manifest
+    (`stacks.points_from_runs`); `where` filters the last two. p0: "measured" fixes each
     group's P0 to the recorded zero-shot performance (fitted when there is none), "fit"
     always fits it."""
     if p0 not in ("measured", "fit"):
@@ -57,21 +59,27 @@ def analyze(runs_dir: Path | str, out: Path | str, *, share: str = "pbar",
     if share not in ("none", "pbar", "pbar_p0"):  # else every group's fit fails alike
         raise CcdsError(f"unknown sharing '{share}'", None, "use none, pbar or pbar_p0")
     runs_dir, out = Path(runs_dir), Path(out)
+    db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
+    report: dict = {"convention": convention, "share": share, "groups": []}
     if runs_dir.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
         from .points import read_points
 
         runs, meta = read_points(runs_dir, where)
+    elif runs_dir.suffix.lower() in MANIFEST_SUFFIXES or (runs_dir.is_dir()
+                                                          and not db.exists()):
+        from .stacks import cross_check, points_from_runs
+
+        runs, meta = points_from_runs(runs_dir, where)
+        report["trainer_total_flos"] = cross_check(runs)
     else:
-        db = runs_dir / "runs.sqlite" if runs_dir.is_dir() else runs_dir
         if not db.exists():
-            raise CcdsError("no run store here", str(db), "pass the sweep's output folder, "
-                                                          "or a .csv/.jsonl of points")
+            raise CcdsError("no run store here", str(db), "pass the sweep's output folder, a "
+                            ".csv/.jsonl of points, or a manifest of Trainer runs")
         store = Store(db)
         runs, meta = list(store.runs()), store.meta()
         if not runs:
             raise CcdsError("the run store has no finished runs", str(db),
                             "run the sweep first")
-    report: dict = {"convention": convention, "share": share, "groups": []}
     write_runs_csv(runs, out / "runs.csv")
     for (target, model), pts in load_points(runs, convention).items():
         c_full = meta[f"c_full/{model}"]["analytic" if convention == "ccds" else "paper"]
@@ -155,17 +163,23 @@ def overlaps(runs: list[dict]) -> dict:
     return out
 
 
+STACK_COLS = ["perf_stderr", "training", "attention_flops", "trainer_total_flos",
+              "total_flos_ratio", "trainer_dir"]  # runs read from Trainer folders only
+
+
 def write_runs_csv(runs: list[dict], path: Path) -> None:
     cols = ["target", "model", "method", "fraction", "seed", "n", "tokens", "selection_flops",
             "training_flops", "selection_paper_flops", "training_paper_flops", "perf", "metric"]
+    more = STACK_COLS if any("trainer_total_flos" in r for r in runs) else []
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols + ["nll", "accuracy", "exact_match", "selection_s", "training_s",
-                           "evaluation_s", "training_reused"])
+                           "evaluation_s", "training_reused"] + more)
         for r in runs:
             ev = r.get("eval", {})
             w.writerow([r.get(c) for c in cols] + [ev.get("nll"), ev.get("accuracy"),
-                                                   ev.get("exact_match")] + _walls(r))
+                                                   ev.get("exact_match")] + _walls(r)
+                       + [r.get(c) for c in more])
 
 
 def _walls(run: dict) -> list:

@@ -219,11 +219,12 @@ def check_subset_path(path: str | os.PathLike, format: SubsetFormat) -> Path:
     return path
 
 
-def check_sidecar(path: str | os.PathLike, pool_hash: str) -> dict[str, Any]:
+def check_sidecar(path: str | os.PathLike, pool_hash: str | None) -> dict[str, Any]:
     """The sidecar of the subset at `path` (or the sidecar itself), checked against the pool
-    the caller means to use it with (`pool_hash`: `score.base.examples_hash` of that pool),
-    so a subset is never trained or reported against a pool it was not selected from; a
-    subset file edited since is refused too. Returns the sidecar."""
+    the caller means to use it with (`pool_hash`: `score.base.examples_hash` of that pool;
+    None where no pool is at hand, as for runs read back by `ccds analyze`), so a subset is
+    never trained or reported against a pool it was not selected from; a subset file edited
+    since is refused too. Returns the sidecar."""
     path = Path(path)
     side = path if path.name.endswith(SIDECAR_SUFFIX) else sidecar_path(path)
     if not side.is_file():
@@ -233,7 +234,7 @@ def check_sidecar(path: str | os.PathLike, pool_hash: str) -> dict[str, Any]:
     if not isinstance(d, dict) or not isinstance(d.get("pool_hash"), str):
         raise CcdsError("not a selection sidecar (no pool_hash)", str(side),
                         "give the .selection.json that ccds wrote beside the subset")
-    if d["pool_hash"] != pool_hash:
+    if pool_hash is not None and d["pool_hash"] != pool_hash:
         raise CcdsError(f"the subset was selected from another pool (pool hash "
                         f"{d['pool_hash'][:12]}, this pool's {pool_hash[:12]})", str(side),
                         "give the pool it was selected from, or select again from this one")

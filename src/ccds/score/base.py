@@ -368,11 +368,14 @@ def selection_record(scores: Scores, pool: Sequence[Example], idx: Sequence[int]
     """The sidecar `data.formats.write_subset` writes beside a subset of `pool` (the examples
     at `idx`, in that order), so the subset can be checked against its pool and reproduced:
     the method and its parameters (None for scores another program wrote), the pool's
-    content hash and size, each selected example's score (None where not finite: the file
-    is strict JSON), and whatever else the caller adds (`extra`: the pool's path, budget,
-    target)."""
+    content hash and size, what scoring cost (`selection_flops`, and in the paper's convention:
+    `ccds analyze` charges it to runs trained on the subset elsewhere), each selected
+    example's score (None where not finite: the file is strict JSON), and whatever else the
+    caller adds (`extra`: the pool's path, budget, target)."""
     values = scores.values[np.asarray(idx, dtype=np.int64)]
     return {"method": scores.method,
             "params": None if method is None else method.params.model_dump(mode="json"),
-            "pool_hash": examples_hash(pool), "pool_size": len(pool), **extra,
+            "pool_hash": examples_hash(pool), "pool_size": len(pool),
+            "selection_flops": scores.stage.analytic_flops,
+            "selection_paper_flops": scores.stage.paper_flops, **extra,
             "scores": [float(v) if np.isfinite(v) else None for v in values]}
