@@ -16,6 +16,7 @@ on where it stopped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -245,20 +246,50 @@ def _v_target(target):
 
 def run_budget(cfg: RunConfig, log=print) -> dict:
     """Spend `cfg.budget`; returns the report (also written to cfg.out)."""
-    from .data.formats import load_examples
-    from .data.sources import load_target
-    from .flops import encoded_work, forward_flops
-    from .models import counts_without_weights, load_causal_lm, param_counts, pick_runtime
+    from .price import budget_flops, check_budget, gpu_rate
     from .score.base import REGISTRY
-    from .tokenize import encode
 
     unknown = [m for m in cfg.methods if m not in REGISTRY]
     if unknown:
         raise CcdsError(f"unknown method(s) {', '.join(unknown)}", None,
                         f"choose from {', '.join(sorted(REGISTRY))}")
-    from .price import budget_flops, check_budget, gpu_rate
-
     check_budget(cfg.budget, cfg.unit, cfg.device, cfg.mfu, measured=True)
+    world = _open(cfg, log)
+    t0 = time.perf_counter()
+    rate = gpu_rate(cfg.device, cfg.mfu, n_params=world.cfg.train.model)
+    calibration_s = None
+    if cfg.unit == "hours" and rate is None:  # wall-clock hours here: measure, then price
+        rate, calibration_s = world.calibrate()
+    budget = budget_flops(cfg.budget, cfg.unit, rate)
+    cheapest = float(world.per_example.min() * world.cfg.train.epochs)
+    if budget < cheapest:
+        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing", None,
+                        f"the smallest budget that trains on one example is {cheapest:.3g} "
+                        "FLOPs")
+    decision = _decide(world, budget, cfg)
+    if decision.method is None:
+        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing after the "
+                        f"decision: {decision.reason}", None, "raise the budget")
+    res, planned_vs_spent = _final(world, decision, budget)
+    wall = {"rate": None if rate is None else rate.source, "calibration_s": calibration_s,
+            "actual_s": time.perf_counter() - t0}
+    if rate is not None:  # each charged stage at its pass's rate
+        per = rate.per_stage
+        wall["predicted_s"] = budget / per["train"]
+        wall["charged_predicted_s"] = sum(
+            s.analytic_flops / per["train" if s.kind == "training" or "score" not in per
+                                   else "score"] for s in world.ledger.stages)
+    return _finish(world, decision, res, budget, log, wall, planned_vs_spent)
+
+
+def _open(cfg: RunConfig, log) -> LiveWorld:
+    """Load the pool, the target and the model, and price training on every example."""
+    from .data.formats import load_examples
+    from .data.sources import load_target
+    from .flops import encoded_work, forward_flops
+    from .models import counts_without_weights, load_causal_lm, param_counts, pick_runtime
+    from .tokenize import encode
+
     pool = load_examples(cfg.pool)
     target = load_target(cfg.target, n_test=cfg.n_test)
     if cfg.n_test and not target.name.startswith(("mmlu", "bbh")):
@@ -275,52 +306,30 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     train_counts = counts_without_weights(tcfg.model, tcfg if tcfg.lora else None)
     per = _per_example(enc, train_counts, full=not tcfg.lora)
     v_enc = encode(target.val, tok, cfg.eval.max_len)
-    world = LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
-                      c_full=float(per.sum() * tcfg.epochs), per_example=per, enc=enc,
-                      train_counts=train_counts,
-                      v_flops=forward_flops(counts, encoded_work(v_enc)),
-                      pool_tokens=enc.n_tokens, log=log)
-    import time
+    return LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
+                     c_full=float(per.sum() * tcfg.epochs), per_example=per, enc=enc,
+                     train_counts=train_counts,
+                     v_flops=forward_flops(counts, encoded_work(v_enc)),
+                     pool_tokens=enc.n_tokens, log=log)
 
-    t0 = time.perf_counter()
-    rate = gpu_rate(cfg.device, cfg.mfu, n_params=tcfg.model)
-    calibration_s = None
-    if cfg.unit == "hours" and rate is None:  # wall-clock hours here: measure, then price
-        rate, calibration_s = world.calibrate()
-    budget = budget_flops(cfg.budget, cfg.unit, rate)
-    cheapest = float(per.min() * tcfg.epochs)
-    if budget < cheapest:
-        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing", None,
-                        f"the smallest budget that trains on one example is {cheapest:.3g} "
-                        "FLOPs")
-    decision = _decide(world, budget, cfg)
-    if decision.method is None:
-        raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing after the "
-                        f"decision: {decision.reason}", None, "raise the budget")
-    # the final run: the winner's scores (paid once), training on what is left
+
+def _final(world: LiveWorld, decision: Decision, budget: float):
+    """The final run: the winner's scores (paid once), training on all that is left, the
+    subset written beside the adapter. Returns the training and planned against spent."""
     chosen = next((o for o in decision.options if o.method == decision.method), None)
     before = world.ledger.total("selection")
     world._scores(decision.method)
-    left = budget - world.spent
-    res, stages = world._train(decision.method, left, cfg.out / "final", "train")
+    res, stages = world._train(decision.method, budget - world.spent, world.cfg.out / "final",
+                               "train")
     for s in stages:
         world.ledger.add(Stage(**s))
     _write_subset(world, decision.method, res.stage.detail.pop("index"), budget)
-    stages_plan = {  # (planned at the decision, spent)
+    return res, {  # (planned at the decision, spent)
         "pilot": (decision.pilot_budget, decision.pilot_flops),
         "final selection": (chosen.selection_flops if chosen else None,
                             world.ledger.total("selection") - before),
         "final training": (chosen.training_flops if chosen else None,
                            res.stage.analytic_flops)}
-    wall = {"rate": None if rate is None else rate.source, "calibration_s": calibration_s,
-            "actual_s": time.perf_counter() - t0}
-    if rate is not None:
-        wall["predicted_s"] = budget / rate.per_stage["train"]
-        wall["charged_predicted_s"] = sum(
-            s.analytic_flops / rate.per_stage["train" if s.kind == "training" else
-                                              "score" if "score" in rate.per_stage else "train"]
-            for s in world.ledger.stages)
-    return _finish(world, decision, res, budget, log, wall | {"stages": stages_plan})
 
 
 def best_within(scores: np.ndarray, costs: np.ndarray, flops: float) -> np.ndarray:
@@ -386,8 +395,8 @@ def _decide(world: LiveWorld, budget: float, cfg: RunConfig) -> Decision:
     return adaptive(world, budget, cfg.methods, prior, pilot_share=cfg.pilot_share, z=cfg.z)
 
 
-def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall: dict
-            ) -> dict:
+def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall: dict,
+            planned_vs_spent: dict) -> dict:
     from .evaluate import evaluate
     from .io import write_json, write_text
 
@@ -408,7 +417,7 @@ def _finish(world: LiveWorld, decision: Decision, res, budget: float, log, wall:
         "ledger": charged, "reported": world.reported.to_dict(),
         "spent_by_kind": {k: world.ledger.total(k) for k in ("selection", "training",
                                                               "evaluation")},
-        "planned_vs_spent": wall.pop("stages"),
+        "planned_vs_spent": planned_vs_spent,
         "wall": wall | {"charged_s": world.ledger.total(field_="wall_s")},
     }
     _plot(report, cfg.out / "report.png")
