@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="+", default=["gsm8k", "mmlu"])
     ap.add_argument("--scales", nargs="+", type=float, default=[0.1, 0.3, 1.0])
-    ap.add_argument("--hours", nargs="*", type=float, default=[0.05, 0.1],
+    ap.add_argument("--hours", nargs="*", type=float, default=[0.04, 0.08],
                     help="wall-clock budgets (GSM8K, --unit hours on this machine)")
     args = ap.parse_args(argv)
     study_cfg = load_config(ROOT / "experiments" / "study.yaml")
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
             rep = read_json(done) if done.exists() else run_budget(cfg)
             keep = ROOT / "experiments" / "live" / name
             keep.mkdir(parents=True, exist_ok=True)
-            for f in ("report.json", "report.md"):
+            for f in ("report.json", "report.md", "report.png"):
                 shutil.copy(out / f, keep / f)
             arms = R.arm_table(study, target)
             best = max(((p, a) for a, (s, t, p) in arms.items() if s + t <= budget),
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         rep = read_json(done) if done.exists() else run_budget(cfg)
         keep = ROOT / "experiments" / "live" / name
         keep.mkdir(parents=True, exist_ok=True)
-        for f in ("report.json", "report.md"):
+        for f in ("report.json", "report.md", "report.png"):
             shutil.copy(out / f, keep / f)
         w = rep["wall"]
         walls.append({"hours": hours, "budget_s": w["predicted_s"], "rate": w["rate"],
