@@ -56,7 +56,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .data.sources import save_target
     from .data.synth import generate
     from .score import REGISTRY, Context, get_method, run
-    from .spend import best_within, example_costs
+    from .spend import TrainingPrices
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs keep whole rows
     t_start = time.perf_counter()
@@ -80,8 +80,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     model, tok, ref = load_causal_lm(cfg.model, runtime=rt)
     rt.place(model)
     tcfg = cfg.train.model_copy(update={"seed": cfg.seed, "model": cfg.model})
-    costs = example_costs(pool, tcfg, tok)
-    budget = cfg.budget_x * cfg.fraction * float(costs.sum())
+    prices = TrainingPrices.of(pool, tcfg, tok)
+    budget = cfg.budget_x * cfg.fraction * float(prices.costs.sum())
     console.print(f"[bold]ccds demo[/]: pool of {len(pool)} synthetic examples, "
                   f"{len(targets)} targets; every method gets {budget:.3g} FLOPs "
                   f"(selection + training; {cfg.budget_x:g}x training on {cfg.fraction:.0%}) "
@@ -104,14 +104,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         ledger = Ledger()
         method = get_method(name, seed=cfg.seed)
         price = method.cost(pool, target)
-        if price >= budget - costs.min():
+        if price >= budget - prices.costs.min():
             ruled_out.append({"method": name, "selection_cost_estimate": price})
             console.print(f"  {name}: its selection alone costs {price:.3g} FLOPs, "
                           f"{price / budget:.1f}x the budget: ruled out")
             continue
         scores = run(method, pool, target, ctx=Context(runtime=rt), ledger=ledger, cache=None)
         left = budget - scores.stage.analytic_flops
-        idx = best_within(scores.values, costs, left)
+        idx = prices.subset(scores.values, left)
         if method.order == "given":
             idx = method.train_order(pool, idx, Context(runtime=rt))
         subset = [pool[i] for i in idx]

@@ -30,6 +30,7 @@ from .errors import CcdsError
 from .evaluate import EvalConfig
 from .flops import Device, Ledger, Stage
 from .price import Rate, Unit
+from .tokenize import Encoded
 from .train import TrainConfig
 
 DEFAULT_METHODS = ["random", "bm25", "dsir", "embed", "ppl"]
@@ -74,9 +75,7 @@ class LiveWorld:
     tok: object
     rt: object
     c_full: float
-    per_example: np.ndarray  # analytic training FLOPs of each pool example, one epoch
-    enc: object  # the pool, encoded as training encodes it
-    train_counts: dict  # the trained model's parameter counts, adapters included
+    prices: TrainingPrices  # what training on each pool example costs
     v_flops: float
     pool_tokens: int
     fractions: None = None
@@ -124,25 +123,8 @@ class LiveWorld:
         return self.scores[name]
 
     def subset(self, name: str, flops: float) -> np.ndarray:
-        """The best-scored examples whose training (cfg.epochs) costs at most `flops`, padded
-        batches included: taken by their real costs, then fewer while the planned padded run
-        would not fit (so the cap trims nothing, and the measured count fits too)."""
-        from .tokenize import Encoded
-        from .train import plan_steps, step_flops
-
-        values, costs = self._scores(name).values, self.per_example * self.cfg.train.epochs
-        cfg = self.cfg.train.model_copy(update={"seed": self.cfg.seed})
-        goal = flops
-        for _ in range(6):
-            idx = best_within(values, costs, goal)
-            e = self.enc
-            sub = Encoded([e.ids[i] for i in idx], e.n_prompt[idx], e.n_suffix[idx])
-            padded = sum(step_flops(sub, g, self.train_counts, full=not cfg.lora, padded=True)
-                         for g in plan_steps(sub, cfg, self.train_counts))
-            if padded <= flops:
-                break
-            goal *= 0.999 * flops / padded
-        return idx
+        """The best-scored examples of `name` whose training fits `flops`."""
+        return self.prices.subset(self._scores(name).values, flops)
 
     def _v(self, model, label: str) -> tuple[float, float | None, Stage]:
         from .evaluate import evaluate
@@ -186,7 +168,7 @@ class LiveWorld:
         if path.exists():
             d = read_json(path)
         else:
-            small = max(0.0025 * self.c_full, 2 * float(self.per_example.max()))
+            small = max(0.0025 * self.c_full, 2 * float(self.prices.costs.max()))
             d = {"runs": []}
             for flops in (small, 2 * small):
                 res, stages = self._train("random", flops, None, "calibrate")
@@ -267,7 +249,7 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
     if cfg.unit == "hours" and rate is None:  # wall-clock hours here: measure, then price
         rate, calibration_s = world.calibrate()
     budget = budget_flops(cfg.budget, cfg.unit, rate)
-    cheapest = float(world.per_example.min() * world.cfg.train.epochs)
+    cheapest = float(world.prices.costs.min())
     if budget < cheapest:
         raise CcdsError(f"a budget of {budget:.3g} FLOPs trains on nothing", None,
                         f"the smallest budget that trains on one example is {cheapest:.3g} "
@@ -293,7 +275,7 @@ def _open(cfg: RunConfig, log) -> LiveWorld:
     from .data.formats import load_examples
     from .data.sources import load_target
     from .flops import encoded_work, forward_flops
-    from .models import counts_without_weights, load_causal_lm, param_counts, pick_runtime
+    from .models import load_causal_lm, param_counts, pick_runtime
     from .tokenize import encode
 
     pool = load_examples(cfg.pool)
@@ -308,15 +290,12 @@ def _open(cfg: RunConfig, log) -> LiveWorld:
     model, tok, _ = load_causal_lm(tcfg.model, runtime=rt)
     rt.place(model)
     counts = param_counts(model)  # the frozen model: what its V evaluations run
-    enc = encode(pool, tok, tcfg.max_len)  # training runs with the adapters: priced with them
-    train_counts = counts_without_weights(tcfg.model, tcfg if tcfg.lora else None)
-    per = _per_example(enc, train_counts, full=not tcfg.lora)
+    prices = TrainingPrices.of(pool, tcfg.model_copy(update={"seed": cfg.seed}), tok)
     v_enc = encode(target.val, tok, cfg.eval.max_len)
     return LiveWorld(cfg.model_copy(update={"train": tcfg}), pool, target, model, tok, rt,
-                     c_full=float(per.sum() * tcfg.epochs), per_example=per, enc=enc,
-                     train_counts=train_counts,
+                     c_full=float(prices.costs.sum()), prices=prices,
                      v_flops=forward_flops(counts, encoded_work(v_enc)),
-                     pool_tokens=enc.n_tokens, log=log)
+                     pool_tokens=prices.enc.n_tokens, log=log)
 
 
 def _final(world: LiveWorld, decision: Decision, budget: float):
@@ -338,25 +317,57 @@ def _final(world: LiveWorld, decision: Decision, budget: float):
                            res.stage.analytic_flops)}
 
 
-def best_within(scores: np.ndarray, costs: np.ndarray, flops: float) -> np.ndarray:
-    """Pool indices (sorted) of the best-scored examples whose training costs add up to at
-    most `flops`: in rank order, then later cheaper ones that still fit."""
-    from .select import select
+@dataclass
+class TrainingPrices:
+    """What training on each pool example costs (analytic, `cfg.epochs`, adapters included)
+    and the subsets a FLOPs budget buys. The count is linear in tokens, squared tokens and
+    loss positions, so a subset's cost is the sum of its examples'; padded batches cost a
+    little more as they run, and a subset is taken so that its planned padded run fits too
+    (the cap then trims nothing, and the measured count fits as well)."""
 
-    if flops < costs.min():
-        raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the cheapest "
-                        f"costs {costs.min():.3g})")
-    return np.sort(select(scores, tokens=int(flops), lengths=costs))
+    enc: Encoded
+    counts: dict[str, int]
+    cfg: TrainConfig  # the training that will run (its seed orders the batches)
+    costs: np.ndarray
 
+    @classmethod
+    def of(cls, examples, cfg: TrainConfig, tokenizer) -> TrainingPrices:
+        from .flops import Work, full_step_flops, lora_step_flops
+        from .models import counts_without_weights
+        from .tokenize import encode
 
-def example_costs(examples, cfg: TrainConfig, tokenizer) -> np.ndarray:
-    """Analytic FLOPs of training on each example for `cfg.epochs` (its adapters included)."""
-    from .models import counts_without_weights
-    from .tokenize import encode
+        enc = encode(examples, tokenizer, cfg.max_len)
+        counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
+        step = full_step_flops if not cfg.lora else lora_step_flops
+        resp = enc.response_lengths
+        costs = np.empty(len(enc))
+        for i, n in enumerate(enc.lengths):
+            w = Work()
+            w.add([n], int(resp[i]), int(n))
+            costs[i] = step(counts, w) * cfg.epochs
+        return cls(enc, counts, cfg, costs)
 
-    counts = counts_without_weights(cfg.model, cfg if cfg.lora else None)
-    return _per_example(encode(examples, tokenizer, cfg.max_len), counts,
-                        full=not cfg.lora) * cfg.epochs
+    def subset(self, scores: np.ndarray, flops: float) -> np.ndarray:
+        """Pool indices (sorted) of the best-scored examples whose training fits `flops`: in
+        rank order, then later cheaper ones that still fit; fewer while the padded run
+        would not."""
+        from .select import select
+        from .tokenize import Encoded
+        from .train import plan_steps, step_flops
+
+        if flops < self.costs.min():
+            raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the "
+                            f"cheapest costs {self.costs.min():.3g})")
+        goal, e = flops, self.enc
+        for _ in range(6):
+            idx = np.sort(select(scores, tokens=int(goal), lengths=self.costs))
+            sub = Encoded([e.ids[i] for i in idx], e.n_prompt[idx], e.n_suffix[idx])
+            padded = sum(step_flops(sub, g, self.counts, full=not self.cfg.lora, padded=True)
+                         for g in plan_steps(sub, self.cfg, self.counts))
+            if padded <= flops:
+                break
+            goal *= 0.999 * flops / padded
+        return idx
 
 
 def _write_subset(world: LiveWorld, method: str, idx: list[int], budget: float) -> None:
@@ -369,21 +380,6 @@ def _write_subset(world: LiveWorld, method: str, idx: list[int], budget: float) 
                  cfg.format, sidecar=selection_record(
                      world.scores[method], world.pool, idx, world.method(method),
                      pool=cfg.pool, target=cfg.target, budget_flops=budget))
-
-
-def _per_example(enc, counts: dict[str, int], full: bool = False) -> np.ndarray:
-    """Analytic FLOPs of training on each example once: the count is linear in tokens,
-    squared tokens and loss positions, so a subset's cost is the sum of its examples'."""
-    from .flops import Work, full_step_flops, lora_step_flops
-
-    step = full_step_flops if full else lora_step_flops
-    resp = enc.response_lengths
-    out = np.empty(len(enc))
-    for i, n in enumerate(enc.lengths):
-        w = Work()
-        w.add([n], int(resp[i]), int(n))
-        out[i] = step(counts, w)
-    return out
 
 
 def _decide(world: LiveWorld, budget: float, cfg: RunConfig) -> Decision:
