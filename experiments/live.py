@@ -40,21 +40,27 @@ def main(argv=None) -> None:
     pool = next((ROOT / "study").glob("pool-*.jsonl"))
     study = R.load_study()
     prior_plan = R.STRATEGIES["`ccds plan`, paper prior, largest affordable stored run"]
+
+    def spend(name: str, *, target: str, **budget) -> dict:
+        """`ccds run` with the study's settings into runs/live/NAME (resumed or reused if
+        there), its report kept under experiments/live/NAME."""
+        out = ROOT / "runs" / "live" / name
+        cfg = RunConfig(pool=str(pool), target=target, train=study_cfg.train,
+                        eval=study_cfg.eval, n_test=study_cfg.test_cap(target), out=out,
+                        **budget)
+        rep = read_json(out / "report.json") if (out / "report.json").exists() \
+            else run_budget(cfg)
+        keep = ROOT / "experiments" / "live" / name
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in ("report.json", "report.md", "report.png"):
+            shutil.copy(out / f, keep / f)
+        return rep
+
     rows = []
     for target in args.targets:
         for scale in args.scales:
             budget = scale * study.c_full
-            name = f"{target}-{scale:g}"
-            out = ROOT / "runs" / "live" / name
-            cfg = RunConfig(pool=str(pool), target=target, budget=budget,
-                            train=study_cfg.train, eval=study_cfg.eval,
-                            n_test=study_cfg.test_cap(target), out=out)
-            done = out / "report.json"
-            rep = read_json(done) if done.exists() else run_budget(cfg)
-            keep = ROOT / "experiments" / "live" / name
-            keep.mkdir(parents=True, exist_ok=True)
-            for f in ("report.json", "report.md", "report.png"):
-                shutil.copy(out / f, keep / f)
+            rep = spend(f"{target}-{scale:g}", target=target, budget=budget)
             arms = R.arm_table(study, target)
             best = max(((p, a) for a, (s, t, p) in arms.items() if s + t <= budget),
                        default=(study.p0[target], None))
@@ -78,17 +84,7 @@ def main(argv=None) -> None:
                          "p0": study.p0[target]})
     walls = []
     for hours in args.hours:  # wall-clock budgets: predicted against actual
-        name = f"gsm8k-{hours:g}h"
-        out = ROOT / "runs" / "live" / name
-        cfg = RunConfig(pool=str(pool), target="gsm8k", budget=hours, unit="hours",
-                        train=study_cfg.train, eval=study_cfg.eval,
-                        n_test=study_cfg.test_cap("gsm8k"), out=out)
-        done = out / "report.json"
-        rep = read_json(done) if done.exists() else run_budget(cfg)
-        keep = ROOT / "experiments" / "live" / name
-        keep.mkdir(parents=True, exist_ok=True)
-        for f in ("report.json", "report.md", "report.png"):
-            shutil.copy(out / f, keep / f)
+        rep = spend(f"gsm8k-{hours:g}h", target="gsm8k", budget=hours, unit="hours")
         w = rep["wall"]
         walls.append({"hours": hours, "budget_s": w["predicted_s"], "rate": w["rate"],
                       "predicted_s": w["charged_predicted_s"], "actual_s": w["actual_s"],
