@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-Basis = Literal["pilot", "prior", "none"]
+Basis = Literal["pilot", "prior"]
 
 
 @dataclass
