@@ -254,3 +254,16 @@ def test_a_pilot_that_measures_p0_also_runs_its_arms(budget):
     d = adaptive(w, budget, list(w.sel), {"random": 2.0, "bm25": 4.0})
     assert bool(d.arms) == getattr(w, "p0_called", False)
     assert w.spent <= budget
+
+
+def test_the_config_file_is_not_overwritten_by_option_defaults(synth, tiny_model_dir, tmp_path):
+    """Settings in --config (strategy, pilot share, seed) hold unless given on the line."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("strategy: plan\npilot_share: 0.3\nseed: 3\n")
+    r = ccds("run", "--pool", synth / "pool.jsonl", "--target",
+             synth / "targets" / "synth-arithmetic", "--model", tiny_model_dir, "--budget",
+             "1e11", "--out", tmp_path / "out", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["decision"]["strategy"] == "plan"
+    assert (rep["config"]["pilot_share"], rep["config"]["seed"]) == (0.3, 3)

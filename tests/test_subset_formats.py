@@ -96,6 +96,14 @@ def test_schema_of_each_format(subsets, pool, fmt):
                                             {"from": "gpt", "value": ex.response}]
 
 
+@pytest.mark.parametrize("fmt", ["messages", "alpaca", "sharegpt"])
+def test_stack_formats_read_back_as_the_pool_examples(subsets, pool, fmt):
+    """ccds reads its own subsets in the stacks' layouts (ccds analyze counts their tokens)."""
+    by_id = {e.id: e for e in load_examples(pool)}
+    for e in load_examples(subsets[fmt]):
+        assert (e.prompt, e.response) == (by_id[e.id].prompt, by_id[e.id].response)
+
+
 def test_ccds_format_reads_back(subsets, pool):
     side = json.loads(sidecar_path(subsets["ccds"]).read_text())
     assert [e.id for e in load_examples(subsets["ccds"])] == side["ids"]

@@ -461,7 +461,8 @@ def run_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder
             out: Annotated[Path, Opt(help="run folder: pieces, final adapter, report")],
             model: Annotated[str | None, Opt(help="model to fine-tune (default: the config's, "
                                                   "else smollm2-135m)")] = None,
-            unit: Annotated[Unit, Opt(help="of --budget; gpu-hours needs --device")] = "flops",
+            unit: Annotated[Unit | None, Opt(help="of --budget (default flops); gpu-hours "
+                                                  "needs --device")] = None,
             device: Annotated[Literal["h100", "h200", "a100"] | None,
                               Opt(help="GPU that hours are counted on")] = None,
             mfu: Annotated[float | None, Opt(help="MFU for --device (default: measured, "
@@ -471,19 +472,19 @@ def run_cmd(pool: Annotated[str, Opt(help="pool: .jsonl/.json/.parquet/HF folder
             method: Annotated[list[str] | None, Opt(help="methods to consider (repeatable; "
                                                          "default random, bm25, dsir, embed, "
                                                          "ppl)")] = None,
-            strategy: Annotated[Literal["adaptive", "plan"],
-                                Opt(help="adaptive: pilot on V, then decide; plan: execute "
-                                         "`ccds plan`'s pick")] = "adaptive",
+            strategy: Annotated[Literal["adaptive", "plan"] | None,
+                                Opt(help="adaptive (default): pilot on V, then decide; plan: "
+                                         "execute `ccds plan`'s pick")] = None,
             fits: Annotated[Path | None, Opt(help="fits.json from `ccds analyze` as the "
                                                   "prior (default: the paper's)")] = None,
-            pilot_share: Annotated[float, Opt(help="most of the budget the pilot may "
-                                                   "spend")] = 0.15,
+            pilot_share: Annotated[float | None, Opt(help="most of the budget the pilot may "
+                                                          "spend (default 0.15)")] = None,
             config: Annotated[Path | None, Opt(help="YAML with train/eval settings "
                                                     "(ccds.spend.RunConfig)")] = None,
             fmt: Annotated[SubsetFormat | None, Opt(
                 "--format", help="the selected subset's file in OUT: ccds, messages, prompt-completion, "
                      "alpaca or sharegpt (default ccds)")] = None,
-            seed: Annotated[int, Opt()] = 0):
+            seed: Annotated[int | None, Opt(help="default 0")] = None):
     """Spend one budget end to end: pilot on V, decide, select and train, with every FLOP
     charged (never over the budget); resumable."""
     from .spend import RunConfig, run_budget

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .data.formats import SubsetFormat
 from .decide import Arm, Decision, adaptive, planned
@@ -53,7 +53,8 @@ class RunConfig(BaseModel):
     fits: Path | None = Field(None, description="`ccds analyze` fits.json: the prior")
     pilot_share: float = Field(0.15, gt=0, le=0.5)
     z: float = Field(1.0, ge=0, description="standard errors of V a pilot must win by")
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = Field(TrainConfig(), description="LoRA only: pilots train "
+                               "adapters on one shared base model")
     eval: EvalConfig = EvalConfig(generate=False)
     n_test: int | None = Field(None, ge=1, description="cap on T (per subject/task for MMLU "
                                "and BBH, as in a sweep)")
@@ -61,6 +62,14 @@ class RunConfig(BaseModel):
                                  "that will train on it (a .selection.json sidecar beside it)")
     seed: int = 0
     out: Path = Path("run-out")
+
+    @field_validator("train")
+    @classmethod
+    def _lora(cls, v: TrainConfig) -> TrainConfig:
+        if not v.lora:
+            raise ValueError("ccds run trains LoRA adapters (pilots share one base model); "
+                             "set train.lora: true")
+        return v
 
 
 @dataclass
@@ -84,6 +93,7 @@ class LiveWorld:
     scores: dict = field(default_factory=dict)
     log: object = print
     p0: tuple[float, float | None] | None = None  # zero-shot on V, once charged
+    prices_of: dict[str, float] = field(default_factory=dict)  # selection estimates
 
     @property
     def spent(self) -> float:
@@ -103,8 +113,11 @@ class LiveWorld:
         return get_method(name, **{k: v for k, v in params.items() if k in fields})
 
     def selection_cost(self, name: str) -> float:
-        return 0.0 if name in self.scores else float(self.method(name).cost(self.pool,
-                                                                            self.target))
+        if name in self.scores:
+            return 0.0
+        if name not in self.prices_of:  # a method's estimate reads the whole pool: once
+            self.prices_of[name] = float(self.method(name).cost(self.pool, self.target))
+        return self.prices_of[name]
 
     def training_cost(self, name: str, fraction: float) -> float:
         return fraction * self.c_full
@@ -131,7 +144,7 @@ class LiveWorld:
 
         v = _v_target(self.target)
         led = Ledger()
-        ev = evaluate(model, self.tok, v, self.cfg.eval.model_copy(update={"shots": 0}),
+        ev = evaluate(model, self.tok, v, self.cfg.eval.model_copy(update={"shots": 0, "max_examples": None}),
                       runtime=self.rt, ledger=led, label=label, progress=None)
         st = led.stages[0]
         st.detail["on"] = "V"
@@ -149,7 +162,11 @@ class LiveWorld:
             p, se, st = self._v(self.model, "zero-shot")
             d = {"p": p, "se": se, "stage": st.to_dict()}
             write_json(path, d)
-        self.ledger.add(Stage(**d["stage"]))
+        st = Stage(**d["stage"])
+        self.ledger.add(st)
+        # what an evaluation on V really costs (every option of a multiple-choice item,
+        # padding): the pilot's later rounds are priced by it
+        self.v_flops = max(self.v_flops, st.analytic_flops, st.measured_flops or 0.0)
         self.log(f"zero-shot on V: P0 = {d['p']:.4f}")
         self.p0 = d["p"], d["se"]
         return self.p0
@@ -359,15 +376,17 @@ class TrainingPrices:
             raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool (the "
                             f"cheapest costs {self.costs.min():.3g})")
         goal, e = flops, self.enc
-        for _ in range(6):
+        while True:  # ends: the goal shrinks each time, down to no example at all
+            if goal < self.costs.min():
+                raise CcdsError(f"{flops:.3g} FLOPs train on no example of this pool once "
+                                "padded batches are priced")
             idx = np.sort(select(scores, tokens=int(goal), lengths=self.costs))
             sub = Encoded([e.ids[i] for i in idx], e.n_prompt[idx], e.n_suffix[idx])
             padded = sum(step_flops(sub, g, self.counts, full=not self.cfg.lora, padded=True)
                          for g in plan_steps(sub, self.cfg, self.counts))
             if padded <= flops:
-                break
+                return idx
             goal *= 0.999 * flops / padded
-        return idx
 
 
 def _write_subset(world: LiveWorld, method: str, idx: list[int], budget: float) -> None:

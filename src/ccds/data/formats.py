@@ -39,7 +39,7 @@ FORMATS = ("jsonl", "parquet", "hf")
 # Flat layouts as (prompt column, response column), tried in this order; chat `messages` last.
 _FLAT_LAYOUTS = [("prompt", "response"), ("prompt", "completion"), ("instruction", "output"),
                  ("question", "answer")]
-_TRIED = ", ".join(f"{p}/{r}" for p, r in _FLAT_LAYOUTS) + ", messages"
+_TRIED = ", ".join(f"{p}/{r}" for p, r in _FLAT_LAYOUTS) + ", messages, conversations"
 _FIELDS = ("prompt", "response", "id", "source", "choices", "answer", "metadata")
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 log = logging.getLogger(__name__)
@@ -433,6 +433,14 @@ def _detect(row: dict[str, Any], where: str) -> tuple[str, str, set[str]]:
             return prompt, response, {p, r}
     if "messages" in present:
         return (*_chat(row["messages"], where), {"messages"})
+    if "conversations" in present:  # sharegpt (LLaMA-Factory): from/value turns
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise CcdsError("field 'conversations' must be a list of {from, value}", where)
+        roles = {"human": "user", "gpt": "assistant"}
+        return (*_chat([{"role": roles.get(t.get("from"), t.get("from")),
+                         "content": t.get("value")} for t in turns], where),
+                {"conversations"})
     raise CcdsError(f"missing fields: no known layout matches columns {sorted(present)} "
                     f"(tried {_TRIED})", where, "pass columns={'prompt': ..., 'response': ...}")
 

@@ -13,6 +13,7 @@ runs it where `Context.backend` says (here, or on Ray); nothing in this module k
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -65,8 +66,8 @@ class Backend(BaseModel):
     def _installed(self) -> Backend:
         """Ray asked for but not installed fails here, where the setting is read, naming the
         extra: not after a pool and a model have loaded, and not as a traceback."""
-        if self.kind == "ray":
-            require("ray.data", "dist", "the ray backend")
+        if self.kind == "ray" and importlib.util.find_spec("ray") is None:
+            require("ray.data", "dist", "the ray backend")  # raises, naming the extra
         return self
 
 

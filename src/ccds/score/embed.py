@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..errors import require
 from ..io import track
 from ..models import load_sentence_encoder
 from ..tokenize import length_batches
@@ -39,6 +40,9 @@ class Embed(Method):
     def __init__(self, **params):
         super().__init__(**params)
         self._encoder = self._ref = None  # loaded on first use: checking params loads nothing
+
+    def check_installed(self) -> None:
+        require("sentence_transformers", "embed", "the embed method")
 
     def encoder(self):
         if self._encoder is None:
