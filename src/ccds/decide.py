@@ -110,13 +110,12 @@ def _shape(lam: float, f: float) -> float:
     return 1.0 - math.exp(-lam * f)
 
 
-def _lam_from_points(arms: list[Arm], p0: float, a: float, start: float) -> float:
-    """λ that makes A·(1 − e^{−λf}) fit a method's pilot points (least squares on a grid
-    refined around the best; bounded so a flat or negative gain gives λ near 0)."""
+def _lam_from_points(arms: list[Arm], p0: float, a: float) -> float:
+    """λ that makes A·(1 − e^{−λf}) fit a method's pilot points (least squares on a log
+    grid; bounded, so a flat or negative gain gives λ near 0)."""
     grid = np.geomspace(1e-3, 200.0, 400)
     err = [sum((p0 + a * _shape(g, arm.fraction) - arm.p) ** 2 for arm in arms) for g in grid]
-    best = float(grid[int(np.argmin(err))])
-    return best if np.isfinite(best) else start
+    return float(grid[int(np.argmin(err))])
 
 
 def _headroom(arms: list[Arm], p0: float, prior: dict[str, float]) -> float | None:
@@ -167,7 +166,7 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
     start = world.spent
     p0 = p0_se = None
     order = sorted(methods, key=lambda m: (price[m], m))
-    for k in range(len(order), min_arms - 1, -1):  # the priciest arms go first when tight
+    for k in range(len(order), min_arms - 1, -1):  # when tight, the priciest arms drop out
         # 5% kept aside: measured counts run a few percent over analytic prices (padding)
         fr0 = _pilot_fraction(world, order[:k], price, 0.95 * pilot_budget - world.eval_cost())
         if fr0 is None:
@@ -191,7 +190,7 @@ def adaptive(world: World, budget: float, methods: Sequence[str], prior: dict[st
     if a is not None:
         piloted = sorted({arm.method for arm in arms})
         for m in piloted:
-            lams[m] = _lam_from_points([x for x in arms if x.method == m], p0, a, lam0[m])
+            lams[m] = _lam_from_points([x for x in arms if x.method == m], p0, a)
             basis[m] = "pilot"
         # the prior's rates are another model's on another task: scaled by how the piloted
         # methods' rates here compare with the prior's (geometric mean of the ratios)

@@ -116,7 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             idx = method.train_order(pool, idx, Context(runtime=rt))
         subset = [pool[i] for i in idx]
         write_examples(subset, cfg.out / "runs" / name / "subset.jsonl")
-        result = train(subset, tcfg.model_copy(update={"max_flops": left}), model=model,
+        result = train(subset, tcfg.model_copy(update={"max_flops": left,
+                                                       "order": method.order}), model=model,
                        tokenizer=tok, runtime=rt, ledger=ledger,
                        out=cfg.out / "runs" / name, progress=f"train {name}")
         evals = evaluate_all(result.model, ledger, name)

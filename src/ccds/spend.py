@@ -290,15 +290,13 @@ def run_budget(cfg: RunConfig, log=print) -> dict:
 def _open(cfg: RunConfig, log) -> LiveWorld:
     """Load the pool, the target and the model, and price training on every example."""
     from .data.formats import load_examples
-    from .data.sources import load_target
+    from .data.sources import cap_test, load_target
     from .flops import encoded_work, forward_flops
     from .models import load_causal_lm, param_counts, pick_runtime
     from .tokenize import encode
 
     pool = load_examples(cfg.pool)
-    target = load_target(cfg.target, n_test=cfg.n_test)
-    if cfg.n_test and not target.name.startswith(("mmlu", "bbh")):
-        target.test = target.test[: cfg.n_test]
+    target = cap_test(load_target(cfg.target, n_test=cfg.n_test), cfg.n_test)
     if not target.val:
         raise CcdsError(f"target {cfg.target!r} has no validation examples (V)", None,
                         "ccds run decides on V: give a target with a validation split")

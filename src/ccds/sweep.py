@@ -166,10 +166,9 @@ def _data(cfg: SweepConfig):
     else:
         pool = load_examples(cfg.pool)
         chosen = [load_target(t, n_test=cfg.test_cap(t)) for t in cfg.targets]
-    for t in chosen:  # a cap on T as a whole, except MMLU's and BBH's (per subject/task)
-        if cfg.test_cap(t.name) and not t.name.startswith(("mmlu", "bbh")):
-            t.test = t.test[: cfg.test_cap(t.name)]
-    return pool, chosen
+    from .data.sources import cap_test
+
+    return pool, [cap_test(t, cfg.test_cap(t.name)) for t in chosen]
 
 
 def perf_of(ev: dict, metric: str) -> float:

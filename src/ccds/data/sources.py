@@ -581,3 +581,11 @@ def load_source(spec: str, data_dir: str | os.PathLike | None = None) -> list[Ex
             raise CcdsError(f"unknown source {spec!r}: no such file",
                             fix=f"valid forms: {'; '.join(SOURCE_FORMS)}") from None
         raise
+
+
+def cap_test(target: Target, n: int | None) -> Target:
+    """Cap T as a whole at `n`, except MMLU's and BBH's, which `load_target` caps per subject
+    or task."""
+    if n and not target.name.startswith(("mmlu", "bbh")):
+        target.test = target.test[:n]
+    return target
