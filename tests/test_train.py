@@ -297,3 +297,32 @@ def test_training_under_a_flops_cap_charges_no_more_than_it(tiny):
     with pytest.raises(CcdsError, match="buys no step"):
         train(_varied(), cfg.model_copy(update={"max_flops": 1.0}), model=model,
               tokenizer=tok, progress=None)
+
+
+def test_full_finetuning_that_cannot_fit_is_refused_before_loading(monkeypatch, tiny_model_dir):
+    """16 bytes a parameter (fp32 weights, gradients, AdamW moments) checked against the
+    device's free memory before anything loads; where it fits, nothing is said."""
+    import ccds.train as tr
+    from ccds.models import Runtime
+
+    monkeypatch.setattr(tr, "free_bytes", lambda device: 1e5)
+    monkeypatch.setattr(tr, "load_causal_lm", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(CcdsError, match="full fine-tuning .* needs about") as e:
+        train(_examples(), _cfg(lora=False, model=str(tiny_model_dir)), progress=None)
+    assert "lora: true" in e.value.fix
+    monkeypatch.setattr(tr, "free_bytes", lambda device: 1e12)
+    tr.check_full_fits(_cfg(lora=False, model=str(tiny_model_dir)), Runtime(torch.device("cpu"), None))
+
+
+def test_checkpoints_keep_the_cuda_generator_on_cuda(monkeypatch):
+    """Dropout draws on the GPU: a resumed CUDA run restores that generator too."""
+    from ccds.train import CUDA_RNG_KEY, RNG_KEY, restore_rng, rng_states
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: seen.update(cuda=s))
+    states = rng_states(torch.device("cuda"))
+    assert set(states) == {RNG_KEY, CUDA_RNG_KEY}
+    assert set(rng_states(torch.device("cpu"))) == {RNG_KEY}
+    restore_rng(states, torch.device("cuda"))
+    assert seen["cuda"].tolist() == [7]

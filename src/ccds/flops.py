@@ -91,15 +91,40 @@ class FlopCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.total = 0
-        self.paused = 0  # counting meters nested inside: they count their ops themselves
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = None if self.paused else flop_registry.get(func._overloadpacket)
+        formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
+
+
+@dataclass
+class Sample:
+    """The batches counted op by op (the first `size`; None: every one) and what they gave;
+    the batches after them are charged at the sample's ratio of counted to analytic FLOPs.
+    One Sample may span meters (a Ray actor's shards), so the count does not restart."""
+
+    size: int | None
+    batches: int = 0
+    flops: float = 0.0  # what the counters saw on them
+    analytic: float = 0.0  # their analytic FLOPs
+
+    @property
+    def done(self) -> bool:
+        return self.size is not None and self.batches >= self.size
+
+    @property
+    def ratio(self) -> float:
+        return self.flops / self.analytic if self.analytic else 1.0
+
+
+def _sampling(sample: int | Sample | None, device: torch.device) -> Sample:
+    if isinstance(sample, Sample):
+        return sample
+    return Sample(GPU_SAMPLED_BATCHES if sample is None and device.type != "cpu" else sample)
 
 
 # -- analytic formulas --------------------------------------------------------------------
@@ -238,41 +263,57 @@ class Meter:
     Code inside reports what it ran through `forward(batch)` / `lora_step(batch)` /
     `add(analytic, paper)`; the analytic count is built from those reports while
     FlopCounterMode independently counts every matmul that actually executed.
+
+    A meter inside a counting one counts its own ops, even with `measure=False` (its stage
+    then shows no measured total), and hands its total up; meanwhile the outer counter is
+    off the dispatch stack, so no op goes through two Python hooks and, once the inner
+    sample is over, none through any. Without a `device` of its own it runs on the outer's.
     """
 
     def __init__(self, name: str, kind: Kind, params: dict[str, int] | None = None,
                  measure: bool = True, device: torch.device | None = None,
-                 sample: int | None = None):
+                 sample: int | Sample | None = None):
         self.stage = Stage(name, kind)
         self.params = params
         self.measure = measure
+        self._own_device = device is not None
         self.device = device or torch.device("cpu")
         # off the CPU, FlopCounter's Python hook on every op costs throughput and keeps
         # graphs from being captured: count the first batches, then let go of every op
-        self.sample = sample if sample is not None else (
-            None if self.device.type == "cpu" else GPU_SAMPLED_BATCHES)
+        self._sample_arg = sample
+        self._sample = _sampling(sample, self.device)
         self.work = Work()
         self._counted = 0.0
-        self._batch_analytic = [0.0, 0.0]  # analytic FLOPs of reported batches: all, counted
-        self._batches = [0, 0]  # reported batches: all, while counting
-        self._sampled: float | None = None  # what the counter saw, once it stopped
-        self._counter: FlopCounter | None = None  # while entered, if measuring
-        self._outer: Meter | None = None  # the counting meter this one is nested in
+        self._all = [0.0, 0]  # reported batches: analytic FLOPs, number
+        self._own = [0.0, 0.0, 0]  # counted here: FLOPs seen, their batches' analytic, batches
+        self._counts = measure  # counts ops (also when nested in a counting meter)
+        self._counter: FlopCounter | None = None  # while this meter's sample lasts
+        self._on = False  # the counter is on the dispatch stack
+        self._outer: Meter | None = None  # the counting meter this one hands its total to
+        self._resume = False  # put the outer's counter back on exit
         self.remote_measured = 0.0
         self._stack = contextlib.ExitStack()
 
+    @property
+    def sample(self) -> int | None:
+        return self._sample.size
+
     def __enter__(self) -> Meter:
-        # a counting meter inside another counts its own ops (sampled or not) and hands the
-        # total up: the outer one's sample then holds only its own batches
-        outer = [m for m in _METERS.get() if m.measure]
-        self._outer = outer[-1] if outer and self.measure else None
-        self._token = _METERS.set((*_METERS.get(), self))
-        if self._outer is not None and self._outer._counter is not None:
-            self._outer._counter.paused += 1
-        self._counter = FlopCounter() if self.measure else None
-        if self._counter is not None:
+        stack = _METERS.get()
+        around = stack[-1] if stack else None
+        if around is not None and not self._own_device:
+            self.device = around.device
+            self._sample = _sampling(self._sample_arg, self.device)
+        self._outer = around if around is not None and around._counts else None
+        self._counts = self.measure or self._outer is not None
+        self._token = _METERS.set((*stack, self))
+        self._resume = self._outer is not None and self._outer._on and self._outer._pop()
+        if self._counts and not self._sample.done:
+            self._counter = FlopCounter()
             self._counter.__enter__()
-        self._mem = self._stack.enter_context(_PeakMemory(self.device))
+            self._on = True
+        outer_mem = around._mem if around is not None and around.device == self.device else None
+        self._mem = self._stack.enter_context(_PeakMemory(self.device, outer=outer_mem))
         self._t0 = time.perf_counter()
         return self
 
@@ -280,42 +321,62 @@ class Meter:
         self.stage.wall_s = time.perf_counter() - self._t0
         self._stack.close()
         if self._counter is not None:
-            if self._sampled is None:
+            if self._on:
                 self._counter.__exit__(*exc)
-                self.stage.measured_flops = float(self._counter.total) + self._counted
-            else:  # counted on a sample of batches: scaled to all of them by the analytic
-                (a_all, a_seen), (n_all, n_seen) = self._batch_analytic, self._batches
-                scale = a_all / a_seen if a_seen else 1.0
-                self.stage.measured_flops = self._sampled * scale + self._counted
+                self._on = False
+            self._finish()
+        measured = 0.0
+        if self._counts:  # uncounted batches at the sample's ratio (none on the CPU)
+            (a_all, n_all), (seen, a_seen, n_seen) = self._all, self._own
+            measured = seen + (a_all - a_seen) * self._sample.ratio + self._counted
+            if n_seen < n_all:
                 self.stage.detail["measured_on"] = {
-                    "batches": n_seen, "of": n_all, "counted_flops": self._sampled,
+                    "batches": n_seen, "of": n_all, "counted_flops": seen,
                     "analytic_flops": a_seen}
+        if self.measure:
+            self.stage.measured_flops = measured
         self.stage.peak_mem_mb = self._mem.peak_mb
         self.stage.tokens = self.work.tokens
         self.stage.padded_tokens = self.work.padded_tokens
         _METERS.reset(self._token)
         if self._outer is not None:
-            if self._outer._counter is not None:
-                self._outer._counter.paused -= 1
-            self._outer._counted += self.stage.measured_flops or 0.0
+            if self._resume and self._outer._counter is not None:
+                self._outer._counter.__enter__()
+                self._outer._on = True
+            # without measure, remote work is the caller's to hand up (proxy.trajectories)
+            self._outer._counted += measured - (0.0 if self.measure else self.remote_measured)
+
+    def _pop(self) -> bool:
+        """Take the counter off the dispatch stack; False if another mode sits on top of it
+        (it then stays and counts on)."""
+        if _current_dispatch_mode() is not self._counter:
+            return False
+        self._counter.__exit__(None, None, None)
+        self._on = False
+        return True
+
+    def _finish(self) -> None:
+        """The sample is over (or the meter ends): keep what the counter saw."""
+        self._own[0] += self._counter.total
+        self._sample.flops += self._counter.total
+        self._counter = None
 
     def _batch(self, analytic: float) -> None:
-        """A reported batch's analytic FLOPs; the counter stops after `sample` batches, if
-        it is the innermost mode (a nested meter's counter keeps it until that one ends)."""
-        self._batch_analytic[0] += analytic
-        self._batches[0] += 1
-        if self._counter is None or self._sampled is not None:
+        """A reported batch's analytic FLOPs; the counter stops once the sample is done."""
+        self._all[0] += analytic
+        self._all[1] += 1
+        if self._counter is None:
             return
-        self._batch_analytic[1] += analytic
-        self._batches[1] += 1
-        if (self.sample is not None and self._batches[1] >= self.sample
-                and _current_dispatch_mode() is self._counter):
-            self._counter.__exit__(None, None, None)
-            self._sampled = float(self._counter.total)
+        self._own[1] += analytic
+        self._own[2] += 1
+        self._sample.analytic += analytic
+        self._sample.batches += 1
+        if self._sample.done and (not self._on or self._pop()):
+            self._finish()
 
     def _record(self, batch, suffix: bool, head: bool = True) -> Work:
-        lengths = batch.attention_mask.sum(1).tolist()
-        heads = int(batch.n_response.sum()) - (0 if suffix else int(batch.n_suffix.sum()))
+        lengths = batch.lengths.tolist()  # the host's copies: no wait on the device
+        heads = int(batch.response.sum()) - (0 if suffix else int(batch.suffix.sum()))
         heads *= head
         w = Work()
         w.add(lengths, heads, int(batch.attention_mask.numel()))
@@ -387,13 +448,20 @@ class Meter:
 
 
 class _PeakMemory:
-    """Peak resident memory during a block: CUDA allocator peak, or RSS sampled on the CPU."""
+    """Peak resident memory during a block: CUDA allocator peak, or RSS sampled on the CPU.
+    CUDA has one peak counter per device, which a nested block resets: it hands the peak
+    so far to the block around it (`outer`), and its own when it ends."""
 
-    def __init__(self, device: torch.device, interval: float = 0.02):
+    def __init__(self, device: torch.device, interval: float = 0.02,
+                 outer: _PeakMemory | None = None):
         self.device, self.interval, self.peak_mb = device, interval, 0.0
+        self.outer, self.floor = outer, 0  # floor: bytes seen before a nested block reset
 
     def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
+            if self.outer is not None:
+                self.outer.floor = max(self.outer.floor,
+                                       torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         self._stop = threading.Event()
@@ -408,7 +476,10 @@ class _PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = max(self.floor, torch.cuda.max_memory_allocated(self.device))
+            if self.outer is not None:
+                self.outer.floor = max(self.outer.floor, peak)
+            self.peak_mb = peak / 2**20
             return
         self._stop.set()
         self._thread.join()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import Runtime, batch_budget
-from .tokenize import Batch, Encoded, collate, length_batches
+from .tokenize import Batch, Encoded, collate, length_batches, to_device
 
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -26,28 +26,32 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
 
     The valid columns of a row are its last `n_response` ones, minus the closing
     end-of-turn tokens unless `suffix` (training learns to stop; scoring judges the
-    answer itself). Gradients flow when enabled.
+    answer itself). Gradients flow when enabled. The scored positions come from the
+    batch's host counts and are gathered by index, so the pass never waits on the device.
     """
-    k = int(batch.n_response.max().item())
-    width = batch.input_ids.shape[1]
-    targets = batch.input_ids[:, -k:]
-    cols = torch.arange(k, device=targets.device)
+    k, flat = batch.scored(suffix)
+    rows, width = batch.input_ids.shape
+    device = batch.input_ids.device
+    flat = to_device(flat, device)
+    targets = batch.input_ids[:, -k:].reshape(-1).index_select(0, flat)
+    cols = torch.arange(k, device=device)
     mask = cols[None, :] >= (k - batch.n_response)[:, None]
     if not suffix:
         mask &= cols[None, :] < (k - batch.n_suffix)[:, None]
-    lp = torch.zeros(mask.shape, dtype=torch.float32, device=targets.device)
     base = plain_head(model)
     if base is not None:
-        hidden = _decoder_states(base, batch)[:, width - k - 1:width - 1][mask]
-        lp[mask] = _token_logprobs(base.get_output_embeddings(), hidden, targets[mask])
-        return lp, mask
-    # the model's own forward, logits at the k positions before the last token
-    keep = torch.arange(width - k - 1, width - 1, device=batch.input_ids.device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, logits_to_keep=keep,
-                   use_cache=False).logits[mask]
-    lp[mask] = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
-    return lp, mask
+        hidden = _decoder_states(base, batch)[:, width - k - 1:width - 1]
+        hidden = hidden.reshape(rows * k, -1).index_select(0, flat)
+        values = _token_logprobs(base.get_output_embeddings(), hidden, targets)
+    else:  # the model's own forward, logits at the k positions before the last token
+        keep = torch.arange(width - k - 1, width - 1, device=device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, logits_to_keep=keep,
+                       use_cache=False).logits
+        logits = logits.reshape(rows * k, -1).index_select(0, flat)
+        values = -F.cross_entropy(logits.float(), targets, reduction="none")
+    lp = torch.zeros(rows * k, dtype=torch.float32, device=device)
+    return lp.index_copy(0, flat, values.float()).view(rows, k), mask
 
 
 def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
@@ -103,9 +107,9 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
             lp, mask = response_logprobs(model, batch)
-        nll[index] = (-lp.sum(1)).double().cpu().numpy()
-        prob[index] = (lp.exp() * mask).sum(1).double().cpu().numpy()
-        count[index] = mask.sum(1).cpu().numpy()
+        stats = torch.stack([-lp.sum(1), (lp.exp() * mask).sum(1)]).double().cpu().numpy()
+        nll[index], prob[index] = stats
+        count[index] = np.maximum(batch.response - batch.suffix, 0)  # mask.sum(1)
         if meter is not None:
             meter.forward(batch, suffix=False)
     return {"nll_sum": nll, "prob_sum": prob, "n_tokens": count}

@@ -203,7 +203,9 @@ def ordered_batches(lengths: np.ndarray, max_tokens: int, max_batch: int = 64
 
 @dataclass
 class Batch:
-    """A left-padded batch: every row ends at the last column."""
+    """A left-padded batch: every row ends at the last column. The per-row counts are kept
+    on the host too, so the passes size and index the batch without reading the device
+    (each read would stall a GPU's queue)."""
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
@@ -211,15 +213,51 @@ class Batch:
     n_response: torch.Tensor  # [B] response tokens per row (they are the last ones)
     n_suffix: torch.Tensor  # [B] of which the final end-of-turn tokens
     index: np.ndarray  # rows of the Encoded this batch came from
+    lengths: np.ndarray | None = None  # [B] real tokens per row, host copies of the counts:
+    response: np.ndarray | None = None  # filled from the tensors when not given
+    suffix: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.lengths is None:
+            self.lengths = self.attention_mask.sum(1).cpu().numpy()
+        if self.response is None:
+            self.response = self.n_response.cpu().numpy()
+        if self.suffix is None:
+            self.suffix = self.n_suffix.cpu().numpy()
 
     @property
     def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return int(self.lengths.sum())
+
+    def scored(self, suffix: bool) -> tuple[int, np.ndarray]:
+        """(k, flat positions in [B, k]) of the scored response tokens, row-major — what
+        `mask.nonzero()` would give, computed on the host."""
+        k = int(self.response.max())
+        cols = np.arange(k)
+        mask = cols[None, :] >= (k - self.response)[:, None]
+        if not suffix:
+            mask &= cols[None, :] < (k - self.suffix)[:, None]
+        return k, np.flatnonzero(mask)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.position_ids.to(device), self.n_response.to(device),
-                     self.n_suffix.to(device), self.index)
+        """On the device with one asynchronous copy per dtype group (pinned host memory on
+        CUDA: a copy from pageable memory waits for the device's queue)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        grid = to_device(torch.stack([self.input_ids, self.attention_mask,
+                                      self.position_ids]), device)
+        counts = to_device(torch.stack([self.n_response, self.n_suffix]), device)
+        return Batch(grid[0], grid[1], grid[2], counts[0], counts[1], self.index,
+                     self.lengths, self.response, self.suffix)
+
+
+def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: pinned, then copied asynchronously
+    (the caching host allocator keeps the pinned block until the copy is done)."""
+    t = torch.as_tensor(t)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def collate(enc: Encoded, index: np.ndarray, pad_id: int) -> Batch:
@@ -233,5 +271,7 @@ def collate(enc: Encoded, index: np.ndarray, pad_id: int) -> Batch:
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     index = np.asarray(index)
     n_resp = np.array([len(enc.ids[i]) - enc.n_prompt[i] for i in index], dtype=np.int64)
+    suffix = enc.n_suffix[index].copy()
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos),
-                 torch.from_numpy(n_resp), torch.from_numpy(enc.n_suffix[index].copy()), index)
+                 torch.from_numpy(n_resp), torch.from_numpy(suffix), index,
+                 mask.sum(1), n_resp, suffix)

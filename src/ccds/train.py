@@ -37,6 +37,7 @@ from .models import (
     Runtime,
     add_lora,
     batch_budget,
+    counts_without_weights,
     free_bytes,
     load_causal_lm,
     param_counts,
@@ -255,6 +256,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     acc = _accelerator(rt)
     if acc is not None:
         rt = Runtime(acc.device, rt.autocast)
+    if not cfg.lora:
+        check_full_fits(cfg, rt, model)
     if model is None:  # frozen weights straight onto the device in their dtype
         model, tokenizer, _ = load_causal_lm(
             cfg.model, attn=cfg.attn, runtime=rt if cfg.lora else Runtime(rt.device, None))
@@ -300,7 +303,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
         start, result.losses, result.lrs = state["step"], state["losses"], state["lrs"]
         result.tokens, result.steps = state["tokens"], start
         result.checkpoints = state["checkpoints"]  # the ones before the restart count too
-        torch.set_rng_state(rng)
+        restore_rng(rng, rt.device)
     meter = Meter("train", "training", counts, cfg.measure_flops, rt.device)
     last_ckpt = start  # a checkpoint's mean LR covers the steps since the one before
     b = bar(len(steps), progress if main else None, unit="step")
@@ -316,7 +319,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                 last_ckpt = step
                 continue
             n_tok = sum(int(resp[ix].sum()) for ix in group)
-            total = 0.0
+            total = torch.zeros((), device=rt.device)  # read once per step, not per batch
             for j, ix in enumerate(mine):
                 sync = j == len(mine) - 1
                 with (acc.no_sync(model) if acc is not None and not sync
@@ -326,7 +329,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                         nll, _ = response_nll(model, batch, suffix=True)
                         loss = nll.sum() / max(n_tok, 1)
                     _backward(acc, scaler, loss * world)  # DDP averages over the processes
-                total += loss.item()
+                total += loss.detach().float()
                 meter.lora_step(batch, full=not cfg.lora)
                 result.tokens += batch.real_tokens
             if not mine:  # fewer sequences than processes: join the all-reduce with zeros
@@ -461,10 +464,27 @@ def _accelerator(rt: Runtime):
     return Accelerator(cpu=rt.device.type == "cpu")
 
 
-def _sum(acc, x: float) -> float:
+def check_full_fits(cfg: TrainConfig, rt: Runtime, model=None) -> None:
+    """Full fine-tuning holds fp32 weights, their gradients and AdamW's two moments: 16 bytes
+    a parameter before any activation. Refuse up front, before loading, what cannot fit
+    (an 8B model needs 128 GB), instead of failing at the first backward or step."""
+    free = free_bytes(rt.device)
+    if free is None:
+        return
+    n = (param_counts(model) if model is not None else counts_without_weights(cfg.model))["total"]
+    need = 16 * n
+    if need > 0.9 * free:
+        raise CcdsError(f"full fine-tuning of {cfg.model} needs about {need / 1e9:.0f} GB "
+                        f"(16 bytes × {n / 1e9:.2f}B parameters: fp32 weights, gradients, "
+                        f"AdamW moments) but {rt.device} has {free / 1e9:.0f} GB free", None,
+                        "train LoRA (lora: true), or pick a smaller model or a larger device")
+
+
+def _sum(acc, x: torch.Tensor | float) -> float:
+    """The step's loss summed over processes: the step's one read of the device."""
     if acc is None:
         return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=acc.device)
+    t = torch.as_tensor(x).to(acc.device, torch.float64).reshape(1)
     return float(acc.reduce(t, reduction="sum").item())
 
 
@@ -479,7 +499,7 @@ def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer | None,
         for key in ("exp_avg", "exp_avg_sq"):
             if key in s:
                 tensors[f"{name}.{key}"] = s[key].detach().cpu().contiguous()
-    tensors[RNG_KEY] = torch.get_rng_state()
+    tensors.update(rng_states(next(model.parameters()).device))
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if opt is not None:
@@ -489,6 +509,23 @@ def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer | None,
 
 
 RNG_KEY = "__torch_cpu_rng_state__"
+CUDA_RNG_KEY = "__torch_cuda_rng_state__"
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run continues from: the CPU's, and on CUDA the device's too
+    (dropout draws its masks there; restoring the CPU's alone would replay the first
+    steps' masks after a restart)."""
+    states = {RNG_KEY: torch.get_rng_state()}
+    if device.type == "cuda":
+        states[CUDA_RNG_KEY] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[RNG_KEY])
+    if device.type == "cuda" and CUDA_RNG_KEY in states:
+        torch.cuda.set_rng_state(states[CUDA_RNG_KEY], device)
 
 
 def counts_key(model) -> list[int]:
@@ -527,7 +564,7 @@ def _resume(out: Path, run_key: str, model, opt, sched, named, scaler=None):
         warnings.simplefilter("ignore")  # stepping the schedule without an optimizer step
         for _ in range(step):
             sched.step()
-    return state, t[RNG_KEY]
+    return state, {k: t[k] for k in (RNG_KEY, CUDA_RNG_KEY) if k in t}
 
 
 @dataclass(frozen=True)
