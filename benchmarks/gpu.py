@@ -9,14 +9,24 @@ per-example gradients, Adam direction and projection to k = 8192 under `PoolGrad
 `train.train`). Per model and stage: tokens/s, examples/s, MFU (ccds's analytic FLOPs of the
 real tokens, `ccds.flops`, over the wall time and the bf16 matmul peak measured in the same
 run) and peak memory (the CUDA allocator's). Each stage runs cold once, then on about two
-batches to calibrate, then on as many examples as fill `--seconds`. A failing stage is
-recorded with its one-line error and the others still run; a global time budget stops the
-run cleanly, and the results are rewritten after every stage, so a run cut short keeps
-what it measured.
+batches to calibrate, then on as many examples as fill `--seconds`. Every loss (training),
+NLL (scoring) and feature (LESS) is checked finite: a NaN or infinity fails its stage. A
+failing stage is recorded with its one-line error and the others still run; a global time
+budget stops the run cleanly, and the results are rewritten after every stage, so a run cut
+short keeps what it measured.
 
     python benchmarks/gpu.py            # one GPU, within 8 minutes -> results/gpu.json, .md
     python benchmarks/gpu.py --smoke    # the same code on a tiny config on the CPU
                                         #   -> results/gpu-smoke.json, .md
+
+It needs no ccds install: it imports ccds from this checkout's `src/`. Beyond torch,
+transformers (>= 5.0), peft and accelerate, ccds needs pydantic and its dependencies
+(`WHEELS`); where they are missing the script says so, names the wheels and exits 2. On the
+device machine, which has no pydantic and no network (issue 31):
+
+    benchmarks/gpu_run.sh wheels        # here, where pip reaches an index: the wheels -> .whl/
+    bash benchmarks/gpu_run.sh          # there, with .whl carried: installs them into
+                                        #   /tmp/site, runs this script, results -> $OUT
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import time
 T0 = time.perf_counter()  # the budget counts the imports too
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -35,6 +46,96 @@ from collections.abc import Callable  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# ccds from the checkout this script is in, installed or not (an editable install already
+# puts this very folder on the path)
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+if str(HERE) not in sys.path:  # `peak`, beside this script (absent under `python -I`)
+    sys.path.append(str(HERE))
+
+# What ccds imports on this script's path beyond torch, transformers, peft and accelerate
+# (and what those need): the device image lacks all but typing-extensions, carried too since
+# pydantic needs a recent one. gguf and datasets are imported only where ccds reads .gguf
+# files or datasets, never here.
+WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+          "typing-extensions")
+INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+           "--upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site")
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def pinned(names: tuple[str, ...] = WHEELS) -> list[str]:
+    """`name==version` as constraints.txt pins each (the versions ccds is tested with)."""
+    try:
+        lines = (ROOT / "constraints.txt").read_text().splitlines()
+    except OSError:
+        lines = []
+    pins = {_norm(n): v.strip() for n, _, v in (line.partition("==") for line in lines)
+            if v and not n.startswith("#")}
+    return [f"{n}=={pins[_norm(n)]}" if _norm(n) in pins else n for n in names]
+
+
+def download_command() -> str:
+    """`pip download` of the wheels for this machine's Python and processor, as the device
+    tool's README gives it (manylinux tags matched one by one)."""
+    arch = platform.machine() or "x86_64"
+    tags = " ".join(f"--platform {t}_{arch}" for t in (
+        "manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1"))
+    return (f"python3 -m pip download --no-deps --only-binary=:all: --python-version "
+            f"{sys.version_info[0]}.{sys.version_info[1]} --implementation cp {tags} -d .whl "
+            + " ".join(pinned()))
+
+
+def missing_wheels() -> str | None:
+    """None where ccds's imports beyond torch, transformers, peft and accelerate work here;
+    else why not, in one line."""
+    import importlib
+    from importlib import metadata
+
+    try:
+        for name in WHEELS:
+            importlib.import_module(name.replace("-", "_"))
+        from pydantic import BaseModel  # noqa: F401 - what ccds imports
+    except Exception as e:  # noqa: BLE001 - an old typing-extensions fails otherwise
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    try:  # pydantic's own pins (pydantic-core exactly, typing-extensions at least)
+        from packaging.requirements import Requirement
+
+        for line in metadata.requires("pydantic") or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            have = metadata.version(req.name)
+            if not req.specifier.contains(have, prereleases=True):
+                return f"pydantic {metadata.version('pydantic')} needs {req}, found {have}"
+    except (ImportError, metadata.PackageNotFoundError):
+        pass  # no metadata to compare: the imports above worked
+    return None
+
+
+def wheels_message(why: str) -> str:
+    return (f"gpu.py: ccds needs {', '.join(WHEELS)} beyond torch, transformers, peft and "
+            f"accelerate, and this Python cannot use them ({why}). Carry these wheels: "
+            f"{' '.join(pinned())}\n"
+            "  1. where pip reaches an index, in the repository's root (or run "
+            "`benchmarks/gpu_run.sh wheels` there):\n"
+            f"     echo /.whl/ >> .git/info/exclude; {download_command()}\n"
+            "  2. carry .whl to this machine (the device tool: carry [\".whl\"]) and, before "
+            "this script, run (or run `bash benchmarks/gpu_run.sh`, which does both):\n"
+            f"     {INSTALL}")
+
+
+if _why := missing_wheels():
+    if __name__ == "__main__":
+        print(wheels_message(_why), file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(wheels_message(_why))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -55,21 +156,22 @@ from ccds.score.ppl import PPLParams  # noqa: E402
 from ccds.tokenize import Encoded  # noqa: E402
 from ccds.train import TrainConfig, train  # noqa: E402
 
-HERE = Path(__file__).parent
 PAD, BOS, EOS = 0, 1, 2  # the id tokenizer's special tokens; data ids start after them
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+# rope_theta inside rope_parameters, as transformers 5 keeps it (top-level rope_theta and
+# rope_scaling are deprecated there)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _LLAMA3 = {"vocab_size": 128256, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5}
 # The published config.json of each model (sizes only matter for speed; weights are random).
 CONFIGS: dict[str, dict] = {
     "llama-3.2-1b": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192,
                      "num_hidden_layers": 16, "head_dim": 64, "tie_word_embeddings": True,
-                     "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0}},
+                     "rope_parameters": {**_LLAMA3_ROPE, "factor": 32.0}},
     "llama-3.1-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336,
                      "num_hidden_layers": 32, "head_dim": 128, "tie_word_embeddings": False,
-                     "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
+                     "rope_parameters": {**_LLAMA3_ROPE, "factor": 8.0}},
     "tiny": {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "max_position_embeddings": 1024, "tie_word_embeddings": True},
@@ -84,6 +186,30 @@ MAX_LEN = 512  # ccds's default for training, LESS and scoring
 
 class StageTimeout(Exception):
     pass
+
+
+class NotFinite(ValueError):
+    """A stage gave a NaN or an infinity: its figures would time meaningless work."""
+
+
+def check_finite(what: str, values) -> int:
+    """Every number in `values` (an array, a tensor, a list of numbers, a dict of them) is
+    finite, or NotFinite says how many are not and where the first is; returns how many."""
+    if isinstance(values, dict):
+        return sum(check_finite(f"{what} {k}", v) for k, v in values.items())
+    if torch.is_tensor(values):
+        a = values.detach().float().cpu().numpy()
+    elif isinstance(values, (list, tuple)):
+        a = np.asarray([float(v) for v in values], dtype=np.float64)
+    else:
+        a = np.asarray(values)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        i = int(bad[0])
+        at = i if a.ndim <= 1 else tuple(int(j) for j in np.unravel_index(i, a.shape))
+        raise NotFinite(f"{what}: {bad.size:,} of {a.size:,} not finite (first at {at}: "
+                        f"{a.flat[i]})")
+    return int(a.size)
 
 
 @contextmanager
@@ -206,18 +332,25 @@ def timed_calls(obj):
     return obj
 
 
+def llama_config(name: str):
+    """The transformers config of CONFIGS[name], with the id tokenizer's special tokens (a
+    copy: transformers fills rope_parameters in place)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**copy.deepcopy(CONFIGS[name]), pad_token_id=PAD, bos_token_id=BOS,
+                       eos_token_id=EOS)
+
+
 class Bench:
     """One model on one device: the stages, each a function of a slice of the data."""
 
     def __init__(self, name: str, args, rt: Runtime, data: Encoded, tok):
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers import AutoModelForCausalLM
 
         self.name, self.args, self.rt, self.data, self.tok = name, args, rt, data, tok
-        cfg = LlamaConfig(**CONFIGS[name], pad_token_id=PAD, bos_token_id=BOS,
-                          eos_token_id=EOS)
         torch.manual_seed(0)
         with torch.device(rt.device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+            model = AutoModelForCausalLM.from_config(llama_config(name), dtype=torch.bfloat16,
                                                      attn_implementation="sdpa")
         self.model = model.eval().requires_grad_(False)  # frozen, as load_causal_lm leaves it
         self.counts = param_counts(self.model)
@@ -231,9 +364,10 @@ class Bench:
     def score(self, enc: Encoded, measure: bool = False) -> Stage:
         m = self.meter("score", self.model, measure)
         with m:
-            score_sequences(self.model, enc, PAD, self.rt, max_tokens=self.score_tokens,
-                            meter=m)
+            out = score_sequences(self.model, enc, PAD, self.rt, max_tokens=self.score_tokens,
+                                  meter=m)
             sync()
+        check_finite("scoring", out)  # the NLLs (and the probabilities)
         return m.stage
 
     @property
@@ -273,6 +407,8 @@ class Bench:
                     tokenizer=self.tok, runtime=self.rt, progress=None)
         sync()
         assert res.stage is not None
+        if not check_finite("training losses", res.losses):
+            raise RuntimeError("train() reported no losses")
         return res.stage
 
     def less_features(self, enc: Encoded) -> Stage:
@@ -281,9 +417,10 @@ class Bench:
         proj_s, calls = self.proj.call_s, self.proj.calls
         m = self.meter("less", self.lora_model)
         with m:
-            self.less.features(self.lora_model, enc, self.tok, self.names, self.proj,
-                               self.moments, self.rt, m)
+            features = self.less.features(self.lora_model, enc, self.tok, self.names,
+                                          self.proj, self.moments, self.rt, m)
             sync()
+        check_finite("LESS features", features)
         m.stage.detail |= {"projection_s": self.proj.call_s - proj_s,
                           "projection_calls": self.proj.calls - calls,
                           "lora_params": param_counts(self.lora_model)["lora"]}
@@ -330,7 +467,8 @@ def run_stage(bench: Bench, stage: str, seconds: float, peak: float, device_peak
            "mfu": st.analytic_flops / wall / peak,
            "mfu_datasheet": st.analytic_flops / wall / device_peak if device_peak else None,
            "peak_mem_gb": (st.peak_mem_mb * 2 ** 20 - held) / 1e9, "batch_tokens": bt,
-           "calibration": {"examples": n_cal, "tokens": cal.tokens, "wall_s": cal.wall_s}}
+           "calibration": {"examples": n_cal, "tokens": cal.tokens, "wall_s": cal.wall_s},
+           "finite": True}  # every call's losses, NLLs or features (Bench's checks)
     if stage == "less":
         d = st.detail
         out["projection_s"] = d["projection_s"]
@@ -349,9 +487,11 @@ def projection_check(device: torch.device, n: int, k: int) -> dict:
     dev = proj(x.to(device))
     sync()
     dev_s = time.perf_counter() - t
+    check_finite("projection on the CPU", cpu)
+    check_finite("projection on the device", dev)
     diff = float((dev.float().cpu() - cpu).abs().max() / cpu.abs().max())
     return {"status": "ok", "error": None, "n": n, "k": k, "device_s": dev_s,
-            "max_rel_diff": diff, "same": diff < 1e-3}
+            "max_rel_diff": diff, "same": diff < 1e-3, "finite": True}
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -391,6 +531,8 @@ class Run:
             except Exception as e:  # noqa: BLE001 - one stage's failure must not lose the rest
                 where[key] = {"status": "failed", "error": one_line(e),
                               "after_s": time.perf_counter() - t}
+                if isinstance(e, NotFinite):
+                    where[key]["finite"] = False
             free_memory()
         self.write()
         print(f"gpu.py: {key}: {where[key]['status']} "
@@ -542,7 +684,9 @@ def markdown(res: dict) -> str:
               "training is `train.train` with the default TrainConfig (LoRA r 16); "
               "`score_metered` is scoring with FlopCounterMode on, as ccds meters by default. "
               "Peak memory is the CUDA allocator's peak during the timed run, weights included "
-              "(on a CPU: the process's resident set); GB = 10^9 bytes.", "",
+              "(on a CPU: the process's resident set); GB = 10^9 bytes. Every call's "
+              "training losses, scoring NLLs and LESS features were checked finite: a NaN or "
+              "an infinity fails its stage, and its line below says which values.", "",
               "| model | stage | status | examples | tokens | wall s | tokens/s | examples/s "
               "| TFLOP/s | MFU | MFU (datasheet) | peak GB | batch tokens | projection share |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
