@@ -251,3 +251,134 @@ def test_sampled_metering_with_nested_meters_and_replayed_steps(tiny):
     assert abs(s_inner / full_inner - 1) < 0.05
     assert abs(s_outer / full_outer - 1) < 0.05
     assert full_outer == pytest.approx(2 * full_inner, rel=1e-6)  # the same batches twice
+
+
+def _dispatch_calls(monkeypatch) -> dict:
+    """Every FlopCounter's Python-hook calls, by counter."""
+    calls: dict = {}
+    hook = FlopCounter.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        calls[self] = calls.get(self, 0) + 1
+        return hook(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(FlopCounter, "__torch_dispatch__", counting)
+    return calls
+
+
+def _counters() -> list:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return [m for m in _get_current_dispatch_mode_stack() if isinstance(m, FlopCounter)]
+
+
+@pytest.mark.parametrize("measure", [True, False], ids=["measuring", "measure=False"])
+def test_nested_meter_takes_the_outer_counter_off_the_stack(tiny, monkeypatch, measure):
+    """Issue 31: a meter inside a counting one (LESS's warmup, train_on_val, S2L's proxy
+    passes) took the outer counter's formulas off but left its hook on the dispatch stack,
+    so every op went through Python for the rest of the pass (no CUDA graphs), and a
+    `measure=False` inner meter was counted op by op by the outer. Now the outer hook sees
+    no op while the inner runs, no counter is left once the inner sample is over, the inner
+    counts exactly its sampled batches' ops, and the totals match a full count."""
+    model, tok, _ = tiny
+    batches = [_batch(tok, n=2 + i % 3, words=10 + 7 * i) for i in range(5)]
+    calls = _dispatch_calls(monkeypatch)
+
+    def run(outer_sample, inner_sample):
+        seen = {}
+        with Meter("outer", "selection", param_counts(model), sample=outer_sample) as outer, \
+                torch.no_grad():
+            response_nll(model, batches[0])
+            outer.forward(batches[0])
+            seen["outer"] = outer._counter
+            before = calls.get(outer._counter)
+            with Meter("inner", "training", param_counts(model), measure,
+                       sample=inner_sample) as inner:
+                seen["inner"] = _counters()
+                seen["stacks"] = []
+                for b in batches:
+                    response_nll(model, b)
+                    inner.forward(b)
+                    seen["stacks"].append(_counters())
+                seen["outer_calls"] = calls.get(seen["outer"]) - before
+            outer.add(inner.stage.analytic_flops, inner.stage.paper_flops)
+            seen["after"] = _counters()
+            for b in batches[1:]:
+                response_nll(model, b)
+                outer.forward(b)
+        return outer.stage, inner.stage, seen
+
+    with Meter("ref", "training", param_counts(model)) as ref, torch.no_grad():
+        for b in batches[:2]:  # what the inner's sample holds, counted alone
+            response_nll(model, b)
+            ref.forward(b)
+    ref_calls = sum(calls.values())
+    calls.clear()
+    full_outer, full_inner, _ = run(None, None)
+    outer, inner, seen = run(None, 2)
+    assert seen["outer_calls"] == 0
+    (counter,) = seen["inner"]
+    assert seen["stacks"][:1] == [[counter]] and seen["stacks"][1:] == [[]] * 4
+    assert calls[counter] == ref_calls
+    assert seen["after"] == [seen["outer"]]  # the outer counts its own batches again
+    assert abs(outer.measured_flops / full_outer.measured_flops - 1) < 0.05
+    if measure:
+        assert inner.detail["measured_on"]["batches"] == 2
+        assert abs(inner.measured_flops / full_inner.measured_flops - 1) < 0.05
+    else:  # counted for the outer's total only
+        assert inner.measured_flops is None and full_inner.measured_flops is None
+    # the outer's own batches plus the inner's, as one count over the whole pass
+    assert full_outer.measured_flops == pytest.approx(
+        ref.stage.measured_flops / ref.stage.analytic_flops * full_outer.analytic_flops,
+        rel=0.05)
+
+
+def test_nested_meters_on_cuda_keep_the_outer_peak_and_device(monkeypatch):
+    """CUDA has one peak-memory counter per device: the inner meter resets it, so the outer
+    lost its peak from before the inner. A meter with no device runs on the outer's (S2L's
+    proxy passes: sampled like the rest of a GPU stage, not counted op by op throughout)."""
+    from ccds.flops import GPU_SAMPLED_BATCHES
+
+    mem = {"now": 0, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda d=None: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: mem["peak"])
+
+    def use(n):
+        mem["now"] = n
+        mem["peak"] = max(mem["peak"], n)
+
+    cuda = torch.device("cuda")
+    with Meter("outer", "selection", device=cuda) as outer:
+        use(5 << 20)
+        use(1 << 20)
+        with Meter("inner", "selection", measure=False) as inner:
+            assert inner.device == cuda and inner.sample == GPU_SAMPLED_BATCHES
+            use(3 << 20)
+            with Meter("innermost", "selection", device=cuda) as innermost:
+                use(2 << 20)
+            use(4 << 20)
+        use(2 << 20)
+    assert (outer.stage.peak_mem_mb, inner.stage.peak_mem_mb,
+            innermost.stage.peak_mem_mb) == (5, 4, 3)  # a reset starts from what is held
+
+
+def test_a_sample_spans_meters():
+    """A Ray actor's shards: the first `size` batches over all of them are counted, later
+    meters count nothing and charge their batches at the sample's ratio."""
+    from ccds.flops import Sample
+
+    sample = Sample(3)
+    stages = []
+    for shard in range(3):
+        with Meter("shard", "selection", sample=sample) as m:
+            for _ in range(2):
+                x = torch.ones(4, 8) @ torch.ones(8, 16)  # 2·4·8·16 = 1024 FLOPs
+                m.add(1000.0, batch=True)
+                assert (_counters() == []) == (shard * 2 + _ >= 2)
+                del x
+        stages.append(m.stage)
+    assert (sample.batches, sample.flops, sample.analytic) == (3, 3 * 1024, 3000)
+    assert [s.measured_flops for s in stages] == [2048, 1024 + 1024, 2048]
+    assert stages[2].detail["measured_on"] == {"batches": 0, "of": 2, "counted_flops": 0.0,
+                                               "analytic_flops": 0.0}

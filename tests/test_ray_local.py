@@ -43,6 +43,10 @@ def test_every_cpu_asked_for_is_clamped_and_ray_stays_quiet(pool, tmp_path):
                        capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "scored 48 examples" in r.stdout
+    from ccds.score.base import read_scores
+
+    backend = read_scores(tmp_path / "s.parquet").stage.detail["backend"]
+    assert backend["dtype"] == "fp32"  # the actors' own, as CCDS_DTYPE forced it
     lines = r.stderr.splitlines()
     assert lines == ["ray: running 1 of 2 actors: the cluster has 2 CPU, each actor takes 1 "
                      "CPU and Ray Data's read tasks need a CPU"], r.stderr[-2000:]

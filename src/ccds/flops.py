@@ -276,7 +276,7 @@ class Meter:
         self.stage = Stage(name, kind)
         self.params = params
         self.measure = measure
-        self._own_device = device is not None
+        self._device_given = device is not None
         self.device = device or torch.device("cpu")
         # off the CPU, FlopCounter's Python hook on every op costs throughput and keeps
         # graphs from being captured: count the first batches, then let go of every op
@@ -301,7 +301,7 @@ class Meter:
     def __enter__(self) -> Meter:
         stack = _METERS.get()
         around = stack[-1] if stack else None
-        if around is not None and not self._own_device:
+        if around is not None and not self._device_given:
             self.device = around.device
             self._sample = _sampling(self._sample_arg, self.device)
         self._outer = around if around is not None and around._counts else None
@@ -329,7 +329,7 @@ class Meter:
         if self._counts:  # uncounted batches at the sample's ratio (none on the CPU)
             (a_all, n_all), (seen, a_seen, n_seen) = self._all, self._own
             measured = seen + (a_all - a_seen) * self._sample.ratio + self._counted
-            if n_seen < n_all:
+            if self.measure and n_seen < n_all:
                 self.stage.detail["measured_on"] = {
                     "batches": n_seen, "of": n_all, "counted_flops": seen,
                     "analytic_flops": a_seen}

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -55,6 +55,9 @@ class Runtime:
 
     device: torch.device
     autocast: torch.dtype | None  # None: plain fp32
+    # the dtype asked for ("auto" or a forced one), for another machine to resolve on its
+    # own device (Ray workers); None: exactly `autocast`
+    requested: str | None = field(default=None, compare=False)
 
     def amp(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -157,6 +160,7 @@ def pick_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """CUDA when present; bf16 autocast where it is measured faster; else fp32."""
     if dtype == "auto":  # an explicit argument wins over the environment
         dtype = os.environ.get("CCDS_DTYPE", "auto")
+    requested = dtype
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -169,7 +173,7 @@ def pick_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
              "fp16": torch.float16, "float16": torch.float16}
     if dtype not in table:
         raise CcdsError(f"unknown dtype '{dtype}'", None, "use auto, fp32, bf16 or fp16")
-    return Runtime(dev, table[dtype])
+    return Runtime(dev, table[dtype], requested)
 
 
 # -- finding and loading models -----------------------------------------------------------

@@ -4,9 +4,12 @@ The pool is written as Parquet shards and streamed through Ray Data's `map_batch
 actor pool (one model load per actor, GPUs requested when the cluster has them); each
 finished shard is saved, so a killed job resumes without recomputing it, and rows are put
 back in pool order. Each actor meters its own batches (analytic and FlopCounterMode FLOPs)
-and the driver adds them up, so the ledger is the same as a local run's. Before starting,
-the actors are fitted to the cluster (a CPU stays free for Ray Data's read tasks); a job
-that stops making progress stops with what it waits on.
+and the driver adds them up, so the ledger is the same as a local run's; off the CPU an
+actor counts op by op only its first batches, over all its shards. Actors resolve the dtype
+the user asked for on their own device (a CPU head without bf16 would otherwise have a GPU
+worker load the model in fp32) and report it; workers that disagree stop the pass. Before
+starting, the actors are fitted to the cluster (a CPU stays free for Ray Data's read tasks);
+a job that stops making progress stops with what it waits on.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import torch
 
 from ..data.types import Example
 from ..errors import CcdsError
-from ..flops import Meter
+from ..flops import GPU_SAMPLED_BATCHES, Meter, Sample
 from ..io import atomic_path, read_json, write_json
-from ..models import cache_dir, pick_runtime
+from ..models import Runtime, cache_dir, pick_runtime
 from .base import Backend, Pass
 
 log = logging.getLogger(__name__)
@@ -52,20 +55,40 @@ class _Actor:
 
     def __init__(self, p: Pass, dtype: str, measure: bool, threads: int):
         torch.set_num_threads(max(1, threads))
-        self.runtime = pick_runtime(dtype=dtype)
+        self.runtime = pick_runtime(dtype=dtype)  # "auto" resolves on this worker's device
         self.p, self.measure = p, measure
+        # one sample for the actor's life: its first batches, not every shard's
+        self.sample = Sample(None if self.runtime.device.type == "cpu" else GPU_SAMPLED_BATCHES)
         p.setup(self.runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         examples = [Example(str(i), str(q), str(r), str(s)) for i, q, r, s in
                     zip(batch["id"], batch["prompt"], batch["response"], batch["source"],
                         strict=True)]
-        meter = Meter("shard", "selection", None, self.measure, self.runtime.device)
+        meter = Meter("shard", "selection", None, self.measure, self.runtime.device,
+                      self.sample)
         with meter:
             x = np.asarray(self.p(examples, self.runtime, meter))
         stats = np.zeros((len(examples), len(STATS)))  # the batch's totals ride on row 0
         stats[0] = [getattr(meter.stage, k) or 0.0 for k in STATS]
-        return {"row": batch["row"], "x": x, "stats": stats}
+        return {"row": batch["row"], "x": x, "stats": stats,
+                "dtype": np.full(len(examples), self.runtime.dtype_name)}
+
+
+def _asked(rt: Runtime) -> str:
+    """The dtype for workers to resolve: what the user asked for, not what the driver's
+    device made of it."""
+    return rt.requested or rt.dtype_name
+
+
+def _one_dtype(seen: set[str], root: Path) -> str | None:
+    """The one dtype the workers ran in (None: none reported yet); CcdsError if several:
+    workers on different devices resolved `auto` differently, and their rows would mix."""
+    if len(seen) > 1:
+        raise CcdsError(f"Ray workers ran the pass in different dtypes "
+                        f"({', '.join(sorted(seen))}): their rows would not agree", str(root),
+                        "force one, e.g. CCDS_DTYPE=bf16, and delete the shards in this folder")
+    return next(iter(seen), None)
 
 
 def connect(address: str | None) -> None:
@@ -215,6 +238,9 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
     bounds = [(lo, min(lo + b.shard_size, len(pool))) for lo in range(0, len(pool), b.shard_size)]
     out = [root / f"out-{i:05d}.npy" for i in range(len(bounds))]
     todo = [i for i in range(len(bounds)) if not out[i].exists()]
+    dtypes = {d for i in range(len(bounds)) if i not in todo  # shards saved before a restart
+              if (d := read_json(out[i].with_suffix(".json")).get("dtype"))}
+    _one_dtype(dtypes, root)
     progress = bar(len(pool), desc if ctx.progress else None, unit="ex")
     progress.update(sum(hi - lo for i, (lo, hi) in enumerate(bounds) if i not in todo))
     if todo:
@@ -226,7 +252,7 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
         actors = _fit_actors(b, gpus)
         ds = ray.data.read_parquet(  # a block per shard, so every actor gets work
             [str(f) for f in files]).repartition(len(files)).map_batches(
-            _Actor, fn_constructor_args=(p, ctx.runtime.dtype_name, ctx.measure_flops,
+            _Actor, fn_constructor_args=(p, _asked(ctx.runtime), ctx.measure_flops,
                                          int(b.cpus_per_actor)),
             batch_size=b.shard_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -240,6 +266,8 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
 
         pending: dict[int, list] = {}  # shard -> [rows, which arrived, metered work]
         for got in _batches(ds, b.stall_s, waiting):
+            dtypes.update(str(d) for d in np.unique(got["dtype"]))
+            dtype = _one_dtype(dtypes, root)  # before a shard of another dtype is saved
             shard = got["row"] // b.shard_size
             for i in np.unique(shard):
                 lo, hi = bounds[i]
@@ -254,8 +282,9 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
                 buf[2] += got["stats"][take].sum(0)
                 progress.update(int(take.sum()))
                 if buf[1].all():  # shard complete: save it (rows last: they mark it done)
-                    write_json(out[i].with_suffix(".json"), dict(zip(STATS, buf[2].tolist(),
-                                                                     strict=True)))
+                    write_json(out[i].with_suffix(".json"),
+                               {**dict(zip(STATS, buf[2].tolist(), strict=True)),
+                                "dtype": dtype})
                     with atomic_path(out[i]) as tmp, open(tmp, "wb") as f:
                         np.save(f, buf[0])
                     del pending[int(i)]
@@ -266,9 +295,10 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
     progress.close()
     for i in range(len(bounds)):
         s = read_json(out[i].with_suffix(".json"))
-        meter.merge(**s, reused=i not in todo)
+        meter.merge(**{k: s[k] for k in STATS}, reused=i not in todo)
     meter.stage.detail["backend"] = {"kind": "ray", "shards": len(bounds),
-                                     "resumed": len(bounds) - len(todo)}
+                                     "resumed": len(bounds) - len(todo),
+                                     "dtype": _one_dtype(dtypes, root)}
     return np.concatenate([np.load(f) for f in out])
 
 
