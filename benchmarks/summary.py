@@ -15,28 +15,41 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
+def cpu_class(lm: dict) -> str:
+    """What decides the dtype and the targets: whether the CPU has AMX; and when it ran."""
+    return f"{'AMX' if '(AMX' in lm['machine'] else 'no AMX'} CPU, {lm['date']}"
+
+
+def lm_targets(lm: dict) -> list[tuple[str, str, str, bool | None]]:
+    """Issue 31's targets for the language-model passes, by the dtype ccds runs on that CPU:
+    where bf16 is the fast path (AMX), against the bf16 peak; elsewhere (fp32), no
+    regression against the figures measured there before issue 31 (63% and 47%)."""
+    s, g, t, dt = lm["scoring"], lm["less"], lm["training"], lm["dtype"]
+    amx = dt == "bf16"
+    cpu = cpu_class(lm)
+    score_mfu, train_mfu, less_x, cos = (0.55, 0.30, 3, 0.995) if amx else (0.63, 0.47, 4, 0.999)
+    cos_min = g[f"cosine_{dt}_min"]
+    return [
+        (f"loss scoring ({cpu})", f"MFU ≥ {score_mfu:.0%} of the {dt} peak",
+         f"{s['mfu']:.0%}", s["mfu"] >= score_mfu - 0.005),
+        (f"loss scoring ({cpu})", "≥ 5x one-at-a-time fp32", f"{s['speedup']:.1f}x",
+         s["speedup"] >= 5),
+        (f"loss scoring ({cpu})", "same scores: Spearman ≥ 0.999, median NLL rel. diff ≤ 1e-2",
+         f"Spearman {s['spearman']:.4f}, median {s['median_rel_diff']:.1e}",
+         s["spearman"] >= 0.999 and s["median_rel_diff"] <= 1e-2),
+        (f"LESS per-example gradients ({cpu})", f"≥ {less_x}x the one-at-a-time loop, "
+         f"cosine ≥ {cos}", f"{g[f'speedup_{dt}']:.1f}x {dt}, cosine {cos_min:.5f}",
+         g[f"speedup_{dt}"] >= less_x and cos_min >= cos),
+        (f"LoRA training ({cpu})", f"MFU ≥ {train_mfu:.0%} of the {dt} peak",
+         f"{t['mfu']:.0%}", t["mfu"] >= train_mfu - 0.005)]
+
+
 def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
     """(pass, target, measured, met) for every target whose benchmark has run."""
-    out = []
-    if "speed_lm" in r:
-        s, g, t = r["speed_lm"]["scoring"], r["speed_lm"]["less"], r["speed_lm"]["training"]
-        dt = r["speed_lm"]["dtype"]  # MFU is against the peak of the dtype ccds runs here
-        out += [
-            ("loss scoring, SmolLM2-135M", f"MFU ≥ 50% (of the {dt} peak: ccds runs {dt} here)",
-             f"{s['mfu']:.0%}", s["mfu"] >= 0.5),
-            ("loss scoring, SmolLM2-135M", "≥ 5x one-at-a-time fp32",
-             f"{s['speedup']:.1f}x", s["speedup"] >= 5),
-            ("loss scoring, SmolLM2-135M", "same scores within bf16 tolerance",
-             f"median rel. diff {s['median_rel_diff']:.1e}, Spearman {s['spearman']:.4f}",
-             s["spearman"] >= 0.99),
-            ("LESS per-example gradients", "≥ 4x the one-at-a-time loop",
-             f"{g['speedup_bf16']:.1f}x bf16, {g['speedup_fp32']:.1f}x fp32",
-             max(g["speedup_bf16"], g["speedup_fp32"]) >= 4),
-            ("LESS per-example gradients", "cosine ≥ 0.999",
-             f"{g['cosine_fp32_min']:.6f} fp32, {g['cosine_bf16_min']:.5f} bf16",
-             g["cosine_fp32_min"] >= 0.999),
-            ("LoRA training, SmolLM2-135M", f"MFU ≥ 40% ({dt})", f"{t['mfu']:.0%}",
-             t["mfu"] >= 0.4)]
+    out: list[tuple[str, str, str, bool | None]] = []
+    for key in ("speed_lm", "speed_lm-avx512"):
+        if key in r:
+            out += lm_targets(r[key])
     if "projection" in r:
         for x in r["projection"]["rows"]:
             if x["variant"] != "ccds":
@@ -72,10 +85,16 @@ def targets(r: dict) -> list[tuple[str, str, str, bool | None]]:
 
 
 def limits(r: dict) -> list[str]:
-    """Why the language-model targets are met or not, in the measured figures."""
-    if "speed_lm" not in r:
-        return []
-    lm = r["speed_lm"]
+    """Why the language-model targets are met or not, in the measured figures, per CPU class;
+    with the elementwise remedies measured side by side where that benchmark has run."""
+    out = []
+    for key in ("speed_lm", "speed_lm-avx512"):
+        if key in r:
+            out += limits_lm(r[key], r.get("elementwise") if key == "speed_lm" else None)
+    return ["", "## What limits the language-model passes"] + out if out else []
+
+
+def limits_lm(lm: dict, ew: dict | None) -> list[str]:
     pk, s, c, g, t = (lm["peak"], lm["scoring"], lm["scoring"]["compiled"], lm["less"],
                       lm["training"])
     dt, used, sh = lm["dtype"], lm["peak"]["used_gflops"], s["time_shares"]
@@ -83,7 +102,8 @@ def limits(r: dict) -> list[str]:
     tokens = s["tokens"] / s["examples"]
     saved = (c["speedup"] - 1) * c["wall_s"] / c["examples"]  # seconds saved per example
     even = c["compile_s"] / saved if saved > 0 else float("inf")
-    out = ["", "## What limits the language-model passes", "",
+    split = s.get("module_split")
+    out = ["", f"### {cpu_class(lm)}", "",
            f"Measured on {lm['machine']}: bf16 matmuls at {pk['bf16_gflops']:.0f} GFLOP/s, "
            f"fp32 at {pk['fp32_gflops']:.0f} (bf16 {ratio:.1f}x fp32). "
            + ("Without AMX, bf16 is this CPU's slower path, so ccds runs fp32 here (`auto` "
@@ -95,7 +115,9 @@ def limits(r: dict) -> list[str]:
            f"({pk['model_gemm_gflops'] / used:.0%} of the peak). In a scoring pass the "
            f"matrix multiplies take {sh['gemm']:.0%} of the time, attention "
            f"{sh['attention']:.0%} and the elementwise rest (RMSNorm, rotary embeddings, "
-           f"SiLU, casts) {sh['other']:.0%}; scoring reaches {s['mfu']:.0%} MFU.",
+           f"SiLU, casts) {sh['other']:.0%}; scoring reaches {s['mfu']:.0%} MFU."
+           + (" Timed by module instead (the profiler slows small ops more than matmuls): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in split.items()) + "." if split else ""),
            "",
            f"Against the reference: one example at a time in fp32 already runs at "
            f"{s['reference_gflops']:.0f} GFLOP/s, {s['reference_gflops'] / used:.0%} of the "
@@ -136,16 +158,23 @@ def limits(r: dict) -> list[str]:
               else "")
            + ". A 4x gain would need the backward itself to run faster, not more examples "
            "per call."]
+    if ew:
+        base = ew["variants"][0]["gflops"]
+        out += ["", f"The cheap remedies for the elementwise work, each measured in its own "
+                f"process on {ew['examples']} examples ([elementwise](results/elementwise.md)): "
+                + "; ".join(f"{x['variant']} {x['gflops'] / base:.2f}x"
+                            + (f" after {x['first_extra_s']:.0f} s" if x["first_extra_s"] > 20
+                               else "") for x in ew["variants"][1:]) + "."]
     return out
 
 
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
-    for name in ("memory", "scaling", "projection"):
+    for name in ("memory", "scaling", "projection", "elementwise"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
-    lines = ["# Performance results (issue 6)", "",
+    lines = ["# Performance results (issues 6 and 31)", "",
              "Generated by `python benchmarks/summary.py` from the JSON in `results/`; each "
              "benchmark's Markdown has its command, machine, date and repeats.", "",
              "| pass | target | measured | met |", "|---|---|---|---|"]
