@@ -212,7 +212,7 @@ def random_affordable(world: StudyWorld, budget: float) -> Pick:
 # What one evaluation on V costs, per target: v_eval_flops's values, kept here so that the
 # replay needs neither the tokenizer nor torch (`--measure-v` recomputes them and stops if one
 # differs). GSM8K's is also the zero-shot V evaluation in experiments/live's ledgers.
-V_EVAL_FLOPS = {"bbh": 9408301018438.668, "gsm8k": 572497566336.0, "mmlu": 9830485509120.0}
+V_EVAL_FLOPS = {"bbh": 6283338772608.0, "gsm8k": 572497566336.0, "mmlu": 9830485509120.0}
 
 
 def v_eval_flops(target: str) -> float:
