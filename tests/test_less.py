@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ccds import Example
 from ccds.lm import response_nll
@@ -146,3 +147,113 @@ def test_gradient_batches_are_small_on_a_cpu_and_fill_a_gpus_free_memory(lora_mo
                                                   n_lora, held_rows=256, proj_dim=1024,
                                                   act_bytes=2, max_len=512)
     assert 512 <= got[1 << 30] < got[80 << 30] == 64 * 512  # 64 rows of max_len at most
+
+
+class _Ops(TorchDispatchMode):
+    """Counts aten ops by name (overload dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.n[name] = self.n.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def matmuls(self) -> int:
+        return sum(v for k, v in self.n.items() if k.rstrip("_") in ("mm", "addmm", "bmm"))
+
+
+def _reference(proj: RademacherProjection, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The projection as it ran before issue 31: one thin matmul per part per chunk."""
+    out = [torch.zeros(len(p), proj.k) for p in parts]
+    for c in range(proj.blocks):
+        s = proj.signs(c, torch.device("cpu"))
+        for o, p in zip(out, parts, strict=True):
+            o.addmm_(p[:, c * proj.chunk:(c + 1) * proj.chunk], s)
+    return torch.cat(out) / proj.k ** 0.5
+
+
+def test_projection_is_one_matmul_per_chunk_for_all_waiting_rows():
+    """Issue 31: the rows waiting for a flush meet each chunk of R in one matmul (3 parts × 3
+    chunks: 3 matmuls, not 9), with the old per-part result."""
+    parts = [torch.randn(r, 3000) for r in (2, 3, 1)]
+    proj = RademacherProjection(3000, 512, seed=7, chunk=1000)
+    with _Ops() as ops:
+        got = proj(parts)
+    assert ops.matmuls() == 3
+    assert torch.allclose(got, _reference(proj, parts), rtol=1e-5, atol=1e-5)  # fp32 rounding
+    one = torch.cat(parts)
+    with _Ops() as ops:
+        assert torch.equal(proj(one), got)
+    assert ops.matmuls() == 3
+
+
+def test_sign_chunks_are_drawn_once_across_flushes_within_the_budget(monkeypatch):
+    """Chunks kept within `cache_bytes` are drawn once across calls, whether or not the
+    whole matrix fits: packed bits for the first chunks that fit, or if all of it fits, its
+    ±1 fp32 blocks (no per-call expansion either); the lookup table is built once."""
+    import ccds.score.less as less
+
+    drawn: list[int] = []
+    real = less.sign_words
+    monkeypatch.setattr(less, "sign_words",
+                        lambda seed, rows, words: drawn.append(int(rows[0])) or real(seed, rows,
+                                                                                    words))
+    x = torch.randn(4, 3000)
+    ref = RademacherProjection(3000, 512, seed=7, chunk=1000, cache_bytes=0)
+    want = ref(x)
+    drawn.clear()
+    part = RademacherProjection(3000, 512, seed=7, chunk=1000, cache_bytes=130_000)
+    for _ in range(2):
+        assert torch.equal(part(x), want)
+    assert sorted(drawn) == [0, 1000, 2000, 2000]  # the third chunk is over the budget
+    assert (part.kept, part.dense, part.held_bytes) == (2, False, 128_000)  # 64,000 a chunk
+    drawn.clear()
+    dense = RademacherProjection(3000, 512, seed=7, chunk=1000)
+    assert dense.dense and dense.held_bytes == 3000 * 512 * 4
+    assert torch.equal(dense(x), want)
+    with _Ops() as ops:
+        assert torch.equal(dense(x), want)
+    assert sorted(drawn) == [0, 1000, 2000] and "embedding" not in ops.n
+    assert dense.signs(1, torch.device("cpu")) is dense.signs(1, torch.device("cpu"))
+    assert len(dense._tables) == 1
+
+
+class _Counted(RademacherProjection):
+    """Records the rows of each call."""
+
+    def __call__(self, x):
+        self.calls.append(len(x))
+        return super().__call__(x)
+
+
+def test_features_project_each_row_once_whatever_the_flush_size(lora_model):
+    """The rows wait in one buffer of `project_every` rows; a batch that would overflow it
+    flushes it first, one bigger than it is projected alone: the same features either way."""
+    from ccds.flops import Meter
+    from ccds.models import param_counts
+    from ccds.tokenize import length_batches
+
+    model, tok = lora_model
+    ex = [Example(f"e{i}", "word " * (2 + 3 * (i % 5)), "reply " * (1 + i % 4)) for i in range(11)]
+    enc = encode(ex, tok)
+    sizes = {len(b) for b in length_batches(enc.lengths, 256)}
+    assert max(sizes) > 3  # some batch is projected alone at project_every 3
+    names = lora_names(model)
+    rt = pick_runtime(dtype="fp32")
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    got = {}
+    for every in (1, 3, 256):
+        proj = _Counted(n, 64, seed=0, chunk=500)
+        proj.calls = []
+        method = get_method("less", proj_dim=64, project_every=every, batch_tokens=256)
+        with Meter("less", "selection", None, False, rt.device) as meter:
+            meter.params = param_counts(model)
+            got[every] = method.features(model, enc, tok, names, proj, None, rt, meter)
+        assert sum(proj.calls) == len(ex)
+        assert all(c <= every or c in sizes for c in proj.calls)
+    assert proj.calls == [len(ex)]
+    assert np.allclose(got[1], got[256], atol=1e-6) and np.allclose(got[3], got[256], atol=1e-6)
+    assert np.allclose(np.linalg.norm(got[256], axis=1), 1, atol=1e-5)

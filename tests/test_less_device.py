@@ -158,7 +158,10 @@ def test_8b_gradient_batch_fits_80_gb():
     80 GB GPU; the budget from free memory does, and still takes a full-length example."""
     model, n_lora = llama_8b_on_meta(8)
     shape = ModelShape.of(model)
-    assert shape == ModelShape(32, 4096, 14336, 128256)
+    # trainable widths per layer: LoRA A on q/k/v/o (inputs 4096, outputs 8), B (8 -> q/o
+    # 4096, k/v 1024)
+    assert shape == ModelShape(32, 4096, 14336, 128256, 4 * 4096 + 4 * 8,
+                               4 * 8 + 2 * 4096 + 2 * 1024)
     weights = 2 * sum(p.numel() for p in model.parameters())  # bf16
     free = 80e9 - weights
     kw = dict(held_rows=256, proj_dim=8192)

@@ -3,6 +3,8 @@ free device memory for scoring and training, shown on Llama-3.1-8B's architectur
 meta device with a GPU's free memory faked; a step split to fit trains the same; models
 load straight into their runtime's dtype."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 from test_less_device import llama_8b_on_meta
 
 from ccds import Example
-from ccds.models import ModelShape, Runtime, batch_budget, causal_lm, pick_runtime
+from ccds.models import ModelShape, Runtime, add_lora, batch_budget, causal_lm, pick_runtime
 from ccds.train import TrainConfig, fit_memory, train
 
 GPU = Runtime(torch.device("cuda"), torch.bfloat16)
@@ -32,8 +34,9 @@ def test_cpu_keeps_its_default():
 
 def test_8b_budgets_fit_80_gb_and_follow_model_rank_and_checkpointing(monkeypatch):
     """At 8B on an 80 GB GPU: scoring fits far more tokens than training, checkpointing
-    frees room for several times more, a wider LoRA leaves less, and each budget is the
-    largest (in steps of 64) whose estimate stays within 80% of free memory."""
+    frees room for several times more, a wider LoRA leaves less, a known response share
+    more, and each budget is the largest (in steps of 64) whose estimate stays within 80% of
+    free memory."""
     model, n_lora = llama_8b_on_meta(8)
     weights = 2 * sum(p.numel() for p in model.parameters())  # bf16 frozen weights
     free = 80e9 - weights
@@ -44,11 +47,13 @@ def test_8b_budgets_fit_80_gb_and_follow_model_rank_and_checkpointing(monkeypatc
     ckpt = batch_budget(model, GPU, backward=True, checkpointing=True)
     for tokens, kw, fixed in ((score, {}, 0), (plain, {"backward": True}, 12 * n_lora),
                               (ckpt, {"backward": True, "checkpointing": True}, 12 * n_lora)):
-        per = shape.token_bytes(2, **kw)
-        assert tokens % 64 == 0 and tokens * per + fixed <= 0.8 * free
-        assert (tokens + 64) * per + fixed > 0.8 * free
-    assert score > 8192 > plain >= 1024  # the old 4096-token default would not hold at 8B
-    assert ckpt > 4 * plain
+        assert tokens % 64 == 0 and shape.batch_bytes(tokens, 2, **kw) + fixed <= 0.8 * free
+        assert tokens == 1 << 17 or shape.batch_bytes(tokens + 64, 2, **kw) + fixed > 0.8 * free
+    assert plain >= 1024  # the old 4096-token default would not hold at 8B
+    # scoring's head is a fixed chunk, not 10·vocab bytes per token: it reaches the cap
+    assert score == 1 << 17 > 8 * plain
+    assert batch_budget(model, GPU, backward=True, response_share=0.3) > plain
+    assert ckpt > 3 * plain  # then the head, on every response token at once, dominates
     wide, _ = llama_8b_on_meta(256)
     assert batch_budget(wide, GPU, backward=True) < plain
     _fake_gpu(monkeypatch, 141e9 - weights)
@@ -158,3 +163,107 @@ def test_scoring_batch_tokens_default_to_memory(method):
     from ccds.score import get_method
 
     assert get_method(method).params.batch_tokens is None
+
+
+# -- the estimates against a measured peak ------------------------------------------------
+
+def _peak_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held while `fn` ran, above what it held before:
+    from the profiler's allocation events, so the same on any OS and malloc (a resident
+    set also sees the allocator's caching and fragmentation)."""
+    import itertools
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    ev = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in ev), initial=0))
+
+
+@pytest.fixture(scope="module")
+def llama_128k():
+    """A random-init 4-layer Llama (d_model 1024) with Llama 3's 128,256-entry vocabulary,
+    where the head is what a per-token charge got wrong, and SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ccds.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    return model.eval().requires_grad_(False), tok
+
+
+# (rows, prompt words, response words): most of the peak in the head, or in the body
+SHAPES = {"head": (8, 300, 150), "body": (16, 450, 5)}
+STEP_SHAPES = {"head": (4, 300, 150), "body": (8, 450, 5)}  # a backward takes longer
+
+
+def _batch(tok, rows: int, prompt: int, response: int):
+    from ccds.tokenize import collate, encode
+
+    enc = encode([Example(f"e{i}", "word " * prompt, "reply " * response)
+                  for i in range(rows)], tok, 1024)
+    batch = collate(enc, np.arange(rows), tok.pad_token_id)
+    tokens = batch.input_ids.numel()
+    return enc, batch, tokens, float(batch.n_response.sum()) / tokens
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype):
+    """Issue 31: one scoring batch's peak (after a warm-up) lies between 1/1.5 of the
+    estimate and the estimate, with the head's 1,024-position chunk (a fixed 1 GB here) the
+    peak or the body's transients the peak (the old 10·vocab bytes per token: 5-40x it)."""
+    from ccds.lm import score_sequences
+
+    model, tok = llama_128k
+    rt = Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else None)
+    if dtype == "bf16":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    act = 2 if dtype == "bf16" else 4
+    for shape, dims in SHAPES.items():
+        enc, _, tokens, share = _batch(tok, *dims)
+
+        def run(enc=enc, tokens=tokens):
+            score_sequences(model, enc, tok.pad_token_id, rt, max_tokens=tokens)
+
+        run()
+        peak = _peak_bytes(run)
+        est = ModelShape.of(model).batch_bytes(tokens, act, response_share=share)
+        assert peak <= est <= 1.5 * peak, (shape, peak / 1e6, est / 1e6)
+        assert est <= ModelShape.of(model).batch_bytes(tokens, act)  # share 1.0: safe
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
+    """The same for a LoRA step's forward and backward (TrainConfig's adapters): the head
+    on every response token at once, the body's saved activations on every token."""
+    from ccds.lm import response_nll
+
+    base, tok = llama_128k
+    rt = Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else None)
+    base = copy.deepcopy(base).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model = add_lora(base, TrainConfig())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    act = 2 if dtype == "bf16" else 4
+    for shape, dims in STEP_SHAPES.items():
+        _, batch, tokens, share = _batch(tok, *dims)
+
+        def step(batch=batch):
+            model.train()
+            with rt.amp():
+                nll, n = response_nll(model, batch, suffix=True)
+            (nll.sum() / n.sum()).backward()
+
+        step()
+        model.zero_grad(set_to_none=True)
+        peak = _peak_bytes(step)
+        model.zero_grad(set_to_none=True)
+        est = 4 * trainable + ModelShape.of(model).batch_bytes(tokens, act, backward=True,
+                                                               response_share=share)
+        assert peak <= est <= 1.5 * peak, (shape, peak / 1e6, est / 1e6)

@@ -122,3 +122,32 @@ def test_place_casts_frozen_weights_before_it_moves_them(tiny_model_dir):
     assert spy.seen == Counter((t.dtype, t.numel()) for t in final)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("family,kw,want", [
+    ("MistralConfig", {"sliding_window": 8}, (8, 4)),  # every layer
+    ("Gemma3TextConfig", {"sliding_window": 16, "layer_types": ["sliding_attention"] * 3
+                          + ["full_attention"]}, (16, 3)),
+    ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
+     (8, 2)),
+    ("LlamaConfig", {}, (0, 0)),
+])
+def test_cache_windows_read_either_kwargs_shape(monkeypatch, family, kw, want):
+    """transformers 5.2x gives the KV cache's kwargs per layer; earlier 5.x (the GPU image's
+    5.17) one dict shared by every layer, with the window whenever any layer slides."""
+    import transformers
+    import transformers.cache_utils as cu
+
+    cfg = getattr(transformers, family)(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=256, **kw)
+    assert models._cache_windows(cfg) == want
+    real = cu.get_layer_types_and_kwargs
+
+    def shared(c):  # what 5.17 returns: the types and one dict
+        types, per_layer = real(c)
+        return types, dict(next((k for k in per_layer if k), {}))
+
+    monkeypatch.setattr(cu, "get_layer_types_and_kwargs", shared)
+    assert isinstance(shared(cfg)[1], dict)
+    assert models._cache_windows(cfg) == want

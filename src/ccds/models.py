@@ -13,6 +13,7 @@ import copy
 import importlib.metadata as md
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -289,13 +290,20 @@ def _idle_experts(model: torch.nn.Module, cfg) -> int:
     return idle
 
 
+_WINDOWED = ("sliding_attention", "hybrid_sliding", "chunked_attention")
+
+
 def _cache_windows(cfg) -> tuple[int, int]:
     """(window, layers) of the sliding-window (and chunked) layers as transformers builds their
-    KV cache, where a decoding step attends to at most `window` keys; (0, 0) if none."""
+    KV cache, where a decoding step attends to at most `window` keys; (0, 0) if none.
+    transformers gives the cache's kwargs per layer (5.2x) or as one dict every layer gets
+    (earlier 5.x, e.g. 5.17), which holds a window only for the windowed layer types."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    ws = [kw["sliding_window"] for kw in get_layer_types_and_kwargs(cfg)[1]
-          if kw.get("sliding_window")]
+    types, kwargs = get_layer_types_and_kwargs(cfg)
+    if isinstance(kwargs, dict):
+        kwargs = [kwargs if t in _WINDOWED else {} for t in types]
+    ws = [kw["sliding_window"] for kw in kwargs if kw.get("sliding_window")]
     return (max(ws), len(ws)) if ws else (0, 0)
 
 
@@ -417,37 +425,64 @@ def causal_lm(name: str, lora=None, runtime: Runtime | None = None):
 
 # -- how many tokens a batch can hold -------------------------------------------------------
 
+HEAD_ROWS = 1024  # positions per LM-head call without gradients (lm._token_logprobs)
+
+
 class ModelShape(NamedTuple):
-    """What a batch's activations grow with."""
+    """What a batch's activations grow with. `train_in`, `train_out`: per layer, the summed
+    input and output widths of the Linear layers with trainable weights (LoRA's A and B, or
+    every projection in full fine-tuning), inputs counted twice where LoRA dropout makes a
+    masked copy: what the backward keeps for them, and what LESS's hooks capture."""
 
     layers: int
     d_model: int
     d_ff: int
     vocab: int
+    train_in: int = 0
+    train_out: int = 0
 
     @classmethod
     def of(cls, model) -> ModelShape:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config.get_text_config(decoder=True)
-        d = cfg.hidden_size
-        return cls(cfg.num_hidden_layers, d, getattr(cfg, "intermediate_size", None) or 4 * d,
-                   cfg.vocab_size)
+        d, n = cfg.hidden_size, cfg.num_hidden_layers
+        lin = [m for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+        drop = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        return cls(n, d, getattr(cfg, "intermediate_size", None) or 4 * d, cfg.vocab_size,
+                   sum(m.in_features for m in lin) * (2 if drop else 1) // n,
+                   sum(m.out_features for m in lin) // n)
 
-    def token_bytes(self, act_bytes: int, *, backward: bool = False,
-                    checkpointing: bool = False) -> int:
-        """An upper estimate of the bytes one token of a batch holds at the peak.
+    def batch_bytes(self, tokens: int, act_bytes: int, *, backward: bool = False,
+                    checkpointing: bool = False, response_share: float = 1.0,
+                    plain_head: bool = True) -> float:
+        """An upper estimate of the bytes a batch of `tokens` padded tokens holds at its peak,
+        besides the weights (tests/test_memory.py: 1.0-1.3x the measured peak).
 
-        Forward only: one layer's transient tensors (≤ 8·d_model + 3·d_ff: norms, q/k/v,
-        attention's output, the gated MLP) and the logits with their fp32 log-softmax. With
-        the backward: per layer what it keeps (≤ 24·d_model + 4·d_ff with fp32 norm inputs
-        and RoPE copies), or with gradient checkpointing each layer's input plus one layer
-        recomputed; the logits then also have an fp32 gradient (16 bytes per entry)."""
+        Forward only: one layer's transients (≤ 8·d_model + 3·d_ff per token: norms, q/k/v,
+        attention's output, the gated MLP) or, after the body, the final states (≤ 3·d_model)
+        with the head, which runs `HEAD_ROWS` scored positions at a time (logits and fp32
+        log-softmax, 8 bytes per vocabulary entry): a fixed chunk, not a cost per token.
+        With the backward, per token and layer what it keeps (the norms' fp32 inputs, q/k/v
+        after RoPE, attention's output, three d_ff tensors of the MLP, the trainable layers'
+        inputs; with gradient checkpointing each layer's input plus one layer recomputed),
+        the final states and a layer's gradients in flight (32·d_model bytes), and per
+        response token the head's fp32 logits, log-softmax and gradient, all at once (12
+        bytes per vocabulary entry). `response_share`: the response tokens' share of the
+        padded ones; 1.0, safe for any data, unless known. A head that is not a plain
+        projection (`lm.plain_head`) gives logits for every kept position at once."""
+        d, ff, v = self.d_model, self.d_ff, self.vocab
         if not backward:
-            return (8 * self.d_model + 3 * self.d_ff) * act_bytes + (act_bytes + 8) * self.vocab
-        layer = (24 * self.d_model + 4 * self.d_ff) * act_bytes
-        kept = (self.layers * self.d_model * act_bytes + layer if checkpointing
+            body = tokens * (8 * d + 3 * ff) * act_bytes
+            if not plain_head:
+                return body + tokens * (act_bytes + 8) * v
+            rows = min(HEAD_ROWS, math.ceil(response_share * tokens))
+            return max(body, tokens * 3 * d * act_bytes + 8 * v * rows)
+        layer = (4 * d + 3 * ff + self.train_in) * act_bytes + 8 * d
+        kept = (self.layers * d * act_bytes + layer if checkpointing
                 else self.layers * layer)
-        return kept + 16 * self.vocab
+        head = 16 * v if not plain_head else response_share * (12 * v + 16 * d)
+        return tokens * (kept + 32 * d + head)
 
 
 def free_bytes(device: torch.device) -> float | None:
@@ -470,18 +505,35 @@ def token_budget(free: float, per_token: float, *, fixed: float = 0.0, cap: int,
 
 
 def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool = False,
-                 checkpointing: bool = False, cap: int = 1 << 17) -> int:
+                 checkpointing: bool = False, cap: int = 1 << 17,
+                 response_share: float = 1.0) -> int:
     """A batch's token budget for `model` on `runtime`: `default` where free memory is not
-    known (the CPU); on a GPU, what its free memory holds, forward only (scoring) or with
-    the backward (training: the trainable weights' gradients and AdamW moments count too,
-    so the LoRA rank enters)."""
+    known (the CPU); on a GPU, the most tokens whose `ModelShape.batch_bytes` fits
+    (`fit_tokens`), forward only (scoring) or with the backward (training: the trainable
+    weights' gradients and AdamW moments count too, so the LoRA rank enters).
+    `response_share` as in `batch_bytes` (train.py and scoring leave it at 1.0)."""
+    from .lm import plain_head
+
     free = free_bytes(runtime.device)
     if free is None:
         return default
     act = 4 if runtime.autocast is None else 2
-    per = ModelShape.of(model).token_bytes(act, backward=backward, checkpointing=checkpointing)
+    shape = ModelShape.of(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return token_budget(free, per, fixed=12 * trainable if backward else 0, cap=cap)
+    fixed = 12 * trainable if backward else 0
+    kw = dict(backward=backward, checkpointing=checkpointing, response_share=response_share,
+              plain_head=plain_head(model) is not None)
+    return fit_tokens(lambda t: fixed + shape.batch_bytes(t, act, **kw), free, cap=cap)
+
+
+def fit_tokens(cost, free: float, *, cap: int, fraction: float = 0.8) -> int:
+    """The most tokens t ≤ `cap` whose `cost(t)` (growing with t) fits in `fraction` of
+    `free`, as `token_budget` rounds them: in steps of 64, at least 1."""
+    lo, hi = 0, cap  # the answer lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= fraction * free else (lo, mid - 1)
+    return max(1, lo if lo < 64 or lo == cap else lo // 64 * 64)
 
 
 # -- internals ----------------------------------------------------------------------------

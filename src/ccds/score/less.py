@@ -207,22 +207,27 @@ class LESS(Method):
     def features(self, model, enc: Encoded, tok, names: list[str], proj: RademacherProjection,
                  moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, runtime,
                  meter, desc: str | None = None) -> np.ndarray:
-        """Projected, L2-normalised per-example gradient features (Adam-shaped if moments)."""
+        """Projected, L2-normalised per-example gradient features (Adam-shaped if moments).
+        Rows wait for the projection in one [project_every, N_lora] buffer, so each chunk of
+        R meets them all in one matmul; a batch that would overflow it flushes it first."""
         out = np.zeros((len(enc), proj.k), dtype=np.float32)
-        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # on the compute device
-        n_pending = 0
+        cap = min(self.params.project_every, len(enc))
+        buf: torch.Tensor | None = None  # on the compute device
+        held: list[np.ndarray] = []
+        m = 0  # rows in buf
         b = bar(len(enc), desc, unit="ex")
 
-        def flush():
-            nonlocal n_pending
-            if not pending:
-                return
-            rows = np.concatenate([ix for ix, _ in pending])
-            z = proj([x for _, x in pending])
+        def project(rows: np.ndarray, x: torch.Tensor) -> None:
+            z = proj(x)
             meter.add(2.0 * len(rows) * proj.n * proj.k)
             out[rows] = F.normalize(z, dim=1).cpu().numpy()
-            pending.clear()
-            n_pending = 0
+
+        def flush() -> None:
+            nonlocal m
+            if held:
+                project(np.concatenate(held), buf[:m])
+                held.clear()
+                m = 0
 
         for index in length_batches(enc.lengths, self.batch_tokens(runtime, model)):
             batch = collate(enc, index, tok.pad_token_id).to(runtime.device)
@@ -230,11 +235,18 @@ class LESS(Method):
             meter.lora_step(batch)
             if moments is not None:
                 g = adam_direction(g, names, moments)
-            pending.append((index, g))
-            n_pending += len(index)
-            b.update(len(index))
-            if n_pending >= self.params.project_every:
+            if m + len(index) > cap:
                 flush()
+            if len(index) > cap:  # more rows than project_every: projected on their own
+                project(index, g)
+            else:
+                if buf is None:
+                    buf = g.new_empty(cap, g.shape[1])
+                buf[m:m + len(index)] = g
+                held.append(index)
+                m += len(index)
+            del g  # the next batch's gradients take its place
+            b.update(len(index))
         flush()
         b.close()
         return out
@@ -338,20 +350,17 @@ def gradient_memory(tokens: int, shape: ModelShape, n_lora: int, *, held_rows: i
     """An upper estimate of the bytes LESS's gradient pass needs besides the loaded model,
     at `tokens` per batch, so a budget can be chosen before anything runs out of memory.
 
-    Per token: what the backward keeps, per layer ≤ 24·d_model + 4·d_ff activations (the
-    norms' fp32 inputs, q/k/v before and after RoPE, attention's output, the gradients of
-    the LoRA outputs the hooks capture, the gated MLP's d_ff tensors), and for response
-    tokens the fp32 logits with their log-softmax and gradient (16 bytes per vocabulary
-    entry). Per example row, N_lora fp32 values: three copies of a batch's up to
-    `max_batch` rows (the einsum's parts, then the Adam direction's two buffers) and the
-    rows waiting for the projection; then the moments, one chunk of the sign matrix with
-    its bytes and gather indices, and the packed sign bits if they are kept."""
-    per_token = shape.layers * (24 * shape.d_model + 4 * shape.d_ff) * act_bytes \
-        + 16 * shape.vocab
+    Per token: what the backward keeps (`ModelShape.batch_bytes`, every token counted as
+    a response token) and the gradients of the LoRA outputs the hooks capture. Per example
+    row, N_lora fp32 values: three copies of a batch's up to `max_batch` rows (the einsum's
+    parts, then the Adam direction's two buffers) and the rows waiting for the projection;
+    then the moments, one chunk of the sign matrix with its bytes and gather indices, and
+    what the projection keeps of the matrix (`held_bytes`)."""
+    per_token = shape.batch_bytes(1, act_bytes, backward=True) \
+        + shape.layers * shape.train_out * act_bytes
     rows = 4 * n_lora * (held_rows + 3 * max_batch + 2)
-    bits = n_lora * -(-proj_dim // 64) * 8
-    return (tokens * per_token + rows + 5 * chunk * proj_dim
-            + (bits if bits <= SIGN_CACHE_BYTES else 0))
+    kept = RademacherProjection(n_lora, proj_dim, 0, chunk).held_bytes
+    return tokens * per_token + rows + 5 * chunk * proj_dim + kept
 
 
 def gradient_batch_tokens(free_bytes: float, shape: ModelShape, n_lora: int, *, held_rows: int,
@@ -397,8 +406,10 @@ def sign_words(seed: int, rows: torch.Tensor, words: int) -> torch.Tensor:
 class RademacherProjection:
     """x @ R with R ∈ {±1/√k}^{n×k}: R[i, j] > 0 iff bit j mod 64 of `sign_words` word
     j div 64 of row i is set. The matrix is generated on the gradients' own device, a chunk
-    of rows at a time (never held whole unless its packed bits fit in `cache_bytes`), and is
-    the same on every device, so features computed on a CPU and on a GPU agree."""
+    of rows at a time, and is the same on every device, so features computed on a CPU and on
+    a GPU agree. Within `cache_bytes` per device it is kept between calls: as ±1 fp32 blocks
+    if the whole matrix fits (no expansion per call either), else the packed bits of as many
+    chunks as fit (at 8B's 6.8M LoRA rows not all do, and the rest are drawn anew per call)."""
 
     #: LESS's cache keys include it: a new matrix must never meet features of an old one
     version = "splitmix64-1"
@@ -407,47 +418,66 @@ class RademacherProjection:
                  cache_bytes: int = SIGN_CACHE_BYTES):
         self.n, self.k, self.seed, self.chunk = n, k, seed, chunk
         self.words = -(-k // 64)
-        self.cached = n * self.words * 8 <= cache_bytes
+        self.blocks = -(-n // chunk)
+        self.dense = n * k * 4 <= cache_bytes
+        bits = n * self.words * 8
+        self.kept = (self.blocks if bits <= cache_bytes
+                     else cache_bytes // (chunk * self.words * 8))
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._tables: dict[str, torch.Tensor] = {}
 
     def __getstate__(self) -> dict:  # the matrix is rebuilt from the seed, not shipped
-        return {**self.__dict__, "_cache": {}}
+        return {**self.__dict__, "_cache": {}, "_tables": {}}
+
+    @property
+    def held_bytes(self) -> int:
+        """What the cache holds per device once every chunk has been used."""
+        if self.dense:
+            return self.n * self.k * 4
+        return min(self.n, self.kept * self.chunk) * self.words * 8
 
     def packed(self, c: int, device: torch.device) -> torch.Tensor:
         """uint8 [rows, 8·words]: chunk c's sign bits, byte b of a row holding columns
         8b … 8b+7, lowest bit first."""
         key = (str(device), c)
-        if key in self._cache:
+        if key in self._cache and not self.dense:
             return self._cache[key]
         lo = c * self.chunk
         rows = torch.arange(lo, min(lo + self.chunk, self.n), device=device)
         shifts = torch.arange(0, 64, 8, device=device)
         words = sign_words(self.seed, rows, self.words)
         bits = ((words[..., None] >> shifts) & 255).to(torch.uint8).flatten(1)
-        if self.cached:
+        if c < self.kept and not self.dense:
             self._cache[key] = bits
         return bits
 
     def signs(self, c: int, device: torch.device) -> torch.Tensor:
-        """float32 ±1 [rows, k]: chunk c of √k·R. Each byte looks its 8 signs up in a
-        256-row table: one gather instead of unpacking bits, then scaling."""
-        table = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)
-                 & 1).float() * 2 - 1
-        bits = self.packed(c, device)
-        return F.embedding(bits.int(), table).flatten(1)[:, :self.k]
+        """float32 ±1 [rows, k]: chunk c of √k·R (kept if `dense`: read only). Each byte
+        looks its 8 signs up in a 256-row table: one gather instead of unpacking bits."""
+        key = (str(device), c)
+        if self.dense and key in self._cache:
+            return self._cache[key]
+        if (table := self._tables.get(key[0])) is None:
+            table = self._tables[key[0]] = (torch.arange(256, device=device)[:, None]
+                                            >> torch.arange(8, device=device) & 1).float() * 2 - 1
+        s = F.embedding(self.packed(c, device).int(), table).flatten(1)[:, :self.k]
+        if self.dense:
+            self._cache[key] = s = s.contiguous()
+        return s
 
     def block(self, c: int) -> torch.Tensor:
         """Rows of R for chunk c, on the CPU."""
         return self.signs(c, torch.device("cpu")) / math.sqrt(self.k)
 
     def __call__(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Project [rows, n] gradients (or a list of such blocks, never concatenated: each
-        chunk of R is generated once for all of them) on their device."""
-        parts = x if isinstance(x, list) else [x]
-        device = parts[0].device
-        out = [torch.zeros(len(p), self.k, device=device) for p in parts]
-        for c in range(-(-self.n // self.chunk)):
-            s, lo = self.signs(c, device), c * self.chunk
-            for o, p in zip(out, parts, strict=True):
-                o.addmm_(p[:, lo:lo + self.chunk].float(), s)
-        return torch.cat(out).div_(math.sqrt(self.k))
+        """Project [rows, n] gradients on their device: one matmul per chunk of R for all
+        rows, so each chunk is drawn and read once per call (a list is concatenated first;
+        `LESS.features` fills one buffer instead)."""
+        if isinstance(x, list):
+            x = x[0] if len(x) == 1 else torch.cat(x)
+        x = x.float()
+        out = torch.zeros(len(x), self.k, device=x.device)
+        for c in range(self.blocks):
+            lo = c * self.chunk
+            out.addmm_(x[:, lo:lo + self.chunk], self.signs(c, x.device))
+        return out.div_(math.sqrt(self.k))
