@@ -10,7 +10,7 @@ batch); `rms_norm` (torch's `F.rms_norm` in place of transformers' five-op RMSNo
 Each reports GFLOP/s (ccds's model FLOPs, real tokens) on its second pass, the first pass's
 extra time (compilation), and the scores' agreement with `plain`.
 
-    .venv/bin/python benchmarks/elementwise.py [--pool 200]        # ~8 min on 2 cores
+    .venv/bin/python benchmarks/elementwise.py [--pool 200]
 """
 
 from __future__ import annotations

@@ -475,6 +475,8 @@ def run_stage(bench: Bench, stage: str, seconds: float, peak: float, device_peak
         out["projection_share"] = d["projection_s"] / wall if d["projection_calls"] else None
         out["lora_params"] = d["lora_params"]
         out["proj_dim"] = bench.less.params.proj_dim
+        # the share of the sign matrix kept between flushes; the rest is regenerated each time
+        out["projection_kept_share"] = bench.proj.kept / bench.proj.blocks
     return out
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from peak import cpu, peak
 from scipy.stats import spearmanr
+from summary import LM_TARGETS, target_text
 
 from ccds.data.sources import load_alpaca, load_bigbench, load_gsm8k
 from ccds.flops import Ledger, encoded_work, forward_flops, lora_step_flops
@@ -166,8 +167,6 @@ def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
                                              tok.pad_token_id, rt, max_tokens=8192))
     ours_sub = time.perf_counter()
     score_sequences(ours_model, sub, tok.pad_token_id, rt, max_tokens=8192)
-    split = module_split(ours_model, partial(score_sequences, ours_model, sub,
-                                             tok.pad_token_id, rt, max_tokens=8192))
     ours_sub = time.perf_counter() - ours_sub
     compiled = compiled_scoring(ours_model, sub, tok.pad_token_id,
                                 forward_flops(counts, encoded_work(sub)), rt)
@@ -291,17 +290,9 @@ def bench_training(model, tok, pool, rt, peak_gflops: float, repeats: int = 2) -
             "mfu": stage.analytic_flops / wall / 1e9 / peak_gflops}
 
 
-# issue 31: where bf16 is the fast path (AMX), against the bf16 peak; elsewhere, no
-# regression against the figures committed before it (fp32, CPUs without AMX)
-TARGETS = {True: {"scoring": "MFU ≥ 55%, Spearman ≥ 0.999", "less": "≥ 3x, cosine ≥ 0.995",
-                  "training": "MFU ≥ 30%"},
-           False: {"scoring": "MFU ≥ 63% (no regression)", "less": "≥ 4x, cosine ≥ 0.999",
-                   "training": "MFU ≥ 47% (no regression)"}}
-
-
 def markdown(r: dict) -> str:
     s, g, t = r["scoring"], r["less"], r["training"]
-    tg = TARGETS[r["dtype"] == "bf16"]
+    tg = {k: target_text(k, r["dtype"]) for k in LM_TARGETS["bf16"]}
     return "\n".join([
         "# Language-model passes: MFU and speed beside the reference style", "",
         f"Command: `{r['command']}` — {r['date']}, {r['machine']}, {r['wall_s'] / 60:.1f} min.",

@@ -121,7 +121,7 @@ def _random_batch(rows=2, length=64, response=16) -> Batch:
     ids = torch.randint(3, 256, (rows, length), generator=torch.Generator().manual_seed(0))
     return Batch(ids, torch.ones_like(ids), torch.arange(length).expand(rows, -1).contiguous(),
                  torch.full((rows,), response), torch.zeros(rows, dtype=torch.long),
-                 np.arange(rows))
+                 np.arange(rows), np.full(rows, length), np.full(rows, response), np.zeros(rows, dtype=np.int64))
 
 
 _GEMMA3_TYPES = ["sliding_attention"] * 3 + ["full_attention"]

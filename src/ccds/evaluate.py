@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .data.types import Example, Target
 from .flops import Ledger, Meter
 from .io import bar
-from .lm import option_logprobs, plain_head, score_sequences
-from .models import Runtime, batch_budget, param_counts
+from .lm import option_logprobs, score_sequences
+from .models import Runtime, batch_budget, param_counts, plain_head
 from .tokenize import Encoded, Formatter, encode_pairs, length_batches
 
 

@@ -14,10 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import Runtime, batch_budget
+from .models import HEAD_ROWS, Runtime, batch_budget, plain_head
 from .tokenize import Batch, Encoded, collate, length_batches, to_device
-
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
 def response_logprobs(model, batch: Batch, suffix: bool = False
@@ -32,16 +30,15 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
     k, flat = batch.scored(suffix)
     rows, width = batch.input_ids.shape
     device = batch.input_ids.device
-    flat = to_device(flat, device)
-    targets = batch.input_ids[:, -k:].reshape(-1).index_select(0, flat)
-    cols = torch.arange(k, device=device)
-    mask = cols[None, :] >= (k - batch.n_response)[:, None]
-    if not suffix:
-        mask &= cols[None, :] < (k - batch.n_suffix)[:, None]
+    # position p of row r predicts token p + 1: flat column c of [B, k] is p = width - k - 1 + c
+    at = (flat // k) * width + (width - k - 1) + flat % k
+    at, flat = to_device(at, device), to_device(flat, device)
+    targets = batch.input_ids.reshape(-1).index_select(0, at + 1)
+    mask = torch.zeros(rows * k, dtype=torch.bool, device=device).index_fill_(0, flat, True)
     base = plain_head(model)
-    if base is not None:
-        hidden = _decoder_states(base, batch)[:, width - k - 1:width - 1]
-        hidden = hidden.reshape(rows * k, -1).index_select(0, flat)
+    if base is not None:  # one gather of the scored positions, no copy of the other states
+        hidden = _decoder_states(base, batch)
+        hidden = hidden.reshape(rows * width, -1).index_select(0, at)
         values = _token_logprobs(base.get_output_embeddings(), hidden, targets)
     else:  # the model's own forward, logits at the k positions before the last token
         keep = torch.arange(width - k - 1, width - 1, device=device)
@@ -51,11 +48,11 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
         logits = logits.reshape(rows * k, -1).index_select(0, flat)
         values = -F.cross_entropy(logits.float(), targets, reduction="none")
     lp = torch.zeros(rows * k, dtype=torch.float32, device=device)
-    return lp.index_copy(0, flat, values.float()).view(rows, k), mask
+    return lp.index_copy(0, flat, values.float()).view(rows, k), mask.view(rows, k)
 
 
 def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
-                    rows: int = 1024) -> torch.Tensor:
+                    rows: int = HEAD_ROWS) -> torch.Tensor:
     """log p(target) for each row of `hidden`. Without gradients, `rows` positions at a time:
     a batch of 8192 response tokens would otherwise hold 8192 × vocab fp32 logits (1.6 GB
     for SmolLM2) and its log-softmax, and peak memory would follow the longest responses."""
@@ -63,16 +60,6 @@ def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
     parts = [-F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step],
                               reduction="none") for i in range(0, len(hidden), step)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def plain_head(model):
-    """The underlying model if its LM head is a plain projection of the decoder's states
-    (so the head can be applied to chosen positions only), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "get_decoder") and not any(getattr(base.config, a, None)
-                                                 for a in _HEAD_EXTRAS):
-        return base
-    return None
 
 
 def _decoder_states(base, batch: Batch) -> torch.Tensor:

@@ -425,6 +425,19 @@ def causal_lm(name: str, lora=None, runtime: Runtime | None = None):
 
 # -- how many tokens a batch can hold -------------------------------------------------------
 
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def plain_head(model):
+    """The underlying model if its LM head is a plain projection of the decoder's states
+    (so the head can be applied to chosen positions only), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "get_decoder") and not any(getattr(base.config, a, None)
+                                                 for a in _HEAD_EXTRAS):
+        return base
+    return None
+
+
 HEAD_ROWS = 1024  # positions per LM-head call without gradients (lm._token_logprobs)
 
 
@@ -512,8 +525,6 @@ def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool
     (`fit_tokens`), forward only (scoring) or with the backward (training: the trainable
     weights' gradients and AdamW moments count too, so the LoRA rank enters).
     `response_share` as in `batch_bytes` (train.py and scoring leave it at 1.0)."""
-    from .lm import plain_head
-
     free = free_bytes(runtime.device)
     if free is None:
         return default

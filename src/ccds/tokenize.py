@@ -213,17 +213,9 @@ class Batch:
     n_response: torch.Tensor  # [B] response tokens per row (they are the last ones)
     n_suffix: torch.Tensor  # [B] of which the final end-of-turn tokens
     index: np.ndarray  # rows of the Encoded this batch came from
-    lengths: np.ndarray | None = None  # [B] real tokens per row, host copies of the counts:
-    response: np.ndarray | None = None  # filled from the tensors when not given
-    suffix: np.ndarray | None = None
-
-    def __post_init__(self):
-        if self.lengths is None:
-            self.lengths = self.attention_mask.sum(1).cpu().numpy()
-        if self.response is None:
-            self.response = self.n_response.cpu().numpy()
-        if self.suffix is None:
-            self.suffix = self.n_suffix.cpu().numpy()
+    lengths: np.ndarray  # [B] real tokens per row: host copies of the counts
+    response: np.ndarray  # [B] n_response
+    suffix: np.ndarray  # [B] n_suffix
 
     @property
     def real_tokens(self) -> int:
@@ -242,7 +234,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         """On the device with one asynchronous copy per dtype group (pinned host memory on
         CUDA: a copy from pageable memory waits for the device's queue)."""
-        if self.input_ids.device == torch.device(device):
+        if _same_device(self.input_ids.device, torch.device(device)):
             return self
         grid = to_device(torch.stack([self.input_ids, self.attention_mask,
                                       self.position_ids]), device)
@@ -251,11 +243,20 @@ class Batch:
                      self.lengths, self.response, self.suffix)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` names the current device: it matches `cuda:0` when that is the current one."""
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else current) == \
+        (b.index if b.index is not None else current)
+
+
 def to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without waiting for it: pinned, then copied asynchronously
     (the caching host allocator keeps the pinned block until the copy is done)."""
     t = torch.as_tensor(t)
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

@@ -471,9 +471,17 @@ def check_full_fits(cfg: TrainConfig, rt: Runtime, model=None) -> None:
     free = free_bytes(rt.device)
     if free is None:
         return
-    n = (param_counts(model) if model is not None else counts_without_weights(cfg.model))["total"]
+    if model is not None:  # weights already on the device are already out of `free`
+        n = param_counts(model)["total"]
+        free += sum(p.numel() * p.element_size() for p in model.parameters()
+                    if p.device.type == rt.device.type)
+    else:
+        try:
+            n = counts_without_weights(cfg.model)["total"]
+        except (OSError, ValueError):  # no config to read here: loading will say why
+            return
     need = 16 * n
-    if need > 0.9 * free:
+    if need > 0.9 * free:  # the rest for activations, as batch_budget keeps
         raise CcdsError(f"full fine-tuning of {cfg.model} needs about {need / 1e9:.0f} GB "
                         f"(16 bytes × {n / 1e9:.2f}B parameters: fp32 weights, gradients, "
                         f"AdamW moments) but {rt.device} has {free / 1e9:.0f} GB free", None,
