@@ -470,7 +470,7 @@ class ModelShape(NamedTuple):
                     checkpointing: bool = False, response_share: float = 1.0,
                     plain_head: bool = True) -> float:
         """An upper estimate of the bytes a batch of `tokens` padded tokens holds at its peak,
-        besides the weights (tests/test_memory.py: 1.0-1.3x the measured peak).
+        besides the weights (tests/test_memory.py holds it within 1.5x of a measured peak).
 
         Forward only: one layer's transients (≤ 8·d_model + 3·d_ff per token: norms, q/k/v,
         attention's output, the gated MLP) or, after the body, the final states (≤ 3·d_model)

@@ -55,7 +55,7 @@ from .base import (
 )
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
-SIGN_CACHE_BYTES = 1 << 30  # the projection keeps its packed sign bits up to this size
+SIGN_CACHE_BYTES = 1 << 30  # the projection keeps its sign blocks (fp32 or packed bits) up to this
 
 
 class LESSParams(Params):
