@@ -67,7 +67,7 @@ def test_workers_resolve_auto_on_their_own_device(monkeypatch, one_thread):
 def test_workers_that_disagree_on_the_dtype_stop_the_pass(tmp_path):
     assert on_ray._one_dtype(set(), tmp_path) is None
     assert on_ray._one_dtype({"bf16"}, tmp_path) == "bf16"
-    with pytest.raises(CcdsError, match=r"different dtypes \(bf16, fp16\)"):
+    with pytest.raises(CcdsError, match=r"resolved the dtype differently \(bf16, fp16\)"):
         on_ray._one_dtype({"bf16", "fp16"}, tmp_path)
 
 

@@ -6,8 +6,9 @@ finished shard is saved, so a killed job resumes without recomputing it, and row
 back in pool order. Each actor meters its own batches (analytic and FlopCounterMode FLOPs)
 and the driver adds them up, so the ledger is the same as a local run's; off the CPU an
 actor counts op by op only its first batches, over all its shards. Actors resolve the dtype
-the user asked for on their own device (a CPU head without bf16 would otherwise have a GPU
-worker load the model in fp32) and report it; workers that disagree stop the pass. Before
+the user asked for on their own device and report it; a worker that resolves it otherwise
+than the driver (whose dtype the cache key names) stops the pass with the setting to force
+(a CPU head without bf16 and GPU workers: CCDS_DTYPE=bf16, not silently fp32). Before
 starting, the actors are fitted to the cluster (a CPU stays free for Ray Data's read tasks);
 a job that stops making progress stops with what it waits on.
 """
@@ -82,10 +83,11 @@ def _asked(rt: Runtime) -> str:
 
 
 def _one_dtype(seen: set[str], root: Path) -> str | None:
-    """The one dtype the workers ran in (None: none reported yet); CcdsError if several:
-    workers on different devices resolved `auto` differently, and their rows would mix."""
+    """The one dtype the pass ran in (None: none reported yet); CcdsError if several: the
+    driver and its workers, on different devices, resolved `auto` differently, and their rows
+    would mix or be cached under a key that names another dtype."""
     if len(seen) > 1:
-        raise CcdsError(f"Ray workers ran the pass in different dtypes "
+        raise CcdsError(f"the driver and its Ray workers resolved the dtype differently "
                         f"({', '.join(sorted(seen))}): their rows would not agree", str(root),
                         "force one, e.g. CCDS_DTYPE=bf16, and delete the shards in this folder")
     return next(iter(seen), None)
@@ -238,8 +240,11 @@ def ray_map(p: Pass, pool: Sequence[Example], ctx, meter: Meter, key: str,
     bounds = [(lo, min(lo + b.shard_size, len(pool))) for lo in range(0, len(pool), b.shard_size)]
     out = [root / f"out-{i:05d}.npy" for i in range(len(bounds))]
     todo = [i for i in range(len(bounds)) if not out[i].exists()]
-    dtypes = {d for i in range(len(bounds)) if i not in todo  # shards saved before a restart
-              if (d := read_json(out[i].with_suffix(".json")).get("dtype"))}
+    # the dtype the cache key names (the driver's), then shards saved before a restart: workers
+    # that resolve `auto` to another would file their rows under the wrong key
+    dtypes = {ctx.runtime.dtype_name} | {
+        d for i in range(len(bounds)) if i not in todo
+        if (d := read_json(out[i].with_suffix(".json")).get("dtype"))}
     _one_dtype(dtypes, root)
     progress = bar(len(pool), desc if ctx.progress else None, unit="ex")
     progress.update(sum(hi - lo for i, (lo, hi) in enumerate(bounds) if i not in todo))
