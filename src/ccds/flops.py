@@ -121,7 +121,9 @@ class Sample:
         return self.flops / self.analytic if self.analytic else 1.0
 
 
-def _sampling(sample: int | Sample | None, device: torch.device) -> Sample:
+def sampling(sample: int | Sample | None, device: torch.device) -> Sample:
+    """The Sample a meter on `device` keeps: the one given, or a new one of `sample` batches
+    (None: every batch on the CPU, the first GPU_SAMPLED_BATCHES elsewhere)."""
     if isinstance(sample, Sample):
         return sample
     return Sample(GPU_SAMPLED_BATCHES if sample is None and device.type != "cpu" else sample)
@@ -281,7 +283,7 @@ class Meter:
         # off the CPU, FlopCounter's Python hook on every op costs throughput and keeps
         # graphs from being captured: count the first batches, then let go of every op
         self._sample_arg = sample
-        self._sample = _sampling(sample, self.device)
+        self._sample = sampling(sample, self.device)
         self.work = Work()
         self._counted = 0.0
         self._all = [0.0, 0]  # reported batches: analytic FLOPs, number
@@ -303,7 +305,7 @@ class Meter:
         around = stack[-1] if stack else None
         if around is not None and not self._device_given:
             self.device = around.device
-            self._sample = _sampling(self._sample_arg, self.device)
+            self._sample = sampling(self._sample_arg, self.device)
         self._outer = around if around is not None and around._counts else None
         self._counts = self.measure or self._outer is not None
         self._token = _METERS.set((*stack, self))

@@ -507,16 +507,6 @@ def free_bytes(device: torch.device) -> float | None:
     return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def token_budget(free: float, per_token: float, *, fixed: float = 0.0, cap: int,
-                 fraction: float = 0.8) -> int:
-    """The most tokens per batch whose `per_token` bytes, beside `fixed` ones, fit in
-    `fraction` of `free` (the rest for fragmentation and the estimate's error), in steps of
-    64; at least 1 (a batch is then one example, whatever fits) and at most `cap`."""
-    tokens = int((fraction * free - fixed) // per_token)
-    tokens = tokens // 64 * 64 if tokens >= 64 else tokens
-    return max(1, min(tokens, cap))
-
-
 def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool = False,
                  checkpointing: bool = False, cap: int = 1 << 17,
                  response_share: float = 1.0) -> int:
@@ -539,7 +529,8 @@ def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool
 
 def fit_tokens(cost, free: float, *, cap: int, fraction: float = 0.8) -> int:
     """The most tokens t ≤ `cap` whose `cost(t)` (growing with t) fits in `fraction` of
-    `free`, as `token_budget` rounds them: in steps of 64, at least 1."""
+    `free` (the rest for fragmentation and the estimate's error), in steps of 64; at least 1
+    (a batch is then one example, whatever fits)."""
     lo, hi = 0, cap  # the answer lies in [lo, hi]
     while lo < hi:
         mid = (lo + hi + 1) // 2

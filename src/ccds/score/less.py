@@ -35,11 +35,11 @@ from ..models import (
     cache_dir,
     causal_lm,
     counts_without_weights,
+    fit_tokens,
     free_bytes,
     load_causal_lm,
     param_counts,
     resolve,
-    token_budget,
 )
 from ..tokenize import Encoded, collate, encode, length_batches
 from ..train import TrainConfig, train
@@ -367,13 +367,12 @@ def gradient_batch_tokens(free_bytes: float, shape: ModelShape, n_lora: int, *, 
                           proj_dim: int, act_bytes: int = 2, max_batch: int = 64,
                           max_len: int = 512) -> int:
     """The largest per-batch token budget whose `gradient_memory` fits in the free bytes
-    (`token_budget`), at most max_batch·max_len, beyond which a bigger budget changes no
+    (`fit_tokens`), at most max_batch·max_len, beyond which a bigger budget changes no
     batch."""
     kw = dict(held_rows=held_rows, proj_dim=proj_dim, act_bytes=act_bytes,
               max_batch=max_batch)
-    fixed = gradient_memory(0, shape, n_lora, **kw)
-    return token_budget(free_bytes, gradient_memory(1, shape, n_lora, **kw) - fixed,
-                        fixed=fixed, cap=max_batch * max_len)
+    return fit_tokens(lambda t: gradient_memory(t, shape, n_lora, **kw), free_bytes,
+                      cap=max_batch * max_len)
 
 
 # -- projection ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 
 from ..data.types import Example
 from ..errors import CcdsError
-from ..flops import GPU_SAMPLED_BATCHES, Meter, Sample
+from ..flops import Meter, sampling
 from ..io import atomic_path, read_json, write_json
 from ..models import Runtime, cache_dir, pick_runtime
 from .base import Backend, Pass
@@ -59,7 +59,7 @@ class _Actor:
         self.runtime = pick_runtime(dtype=dtype)  # "auto" resolves on this worker's device
         self.p, self.measure = p, measure
         # one sample for the actor's life: its first batches, not every shard's
-        self.sample = Sample(None if self.runtime.device.type == "cpu" else GPU_SAMPLED_BATCHES)
+        self.sample = sampling(None, self.runtime.device)
         p.setup(self.runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
