@@ -111,10 +111,12 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir, figu
     assert all(f["p0"] == zero["perf"] for f in g["fits"].values())
     killed = Store(tmp_path / "k" / "runs.sqlite").meta()["zero_shot/synth-arithmetic/" +
                                                           str(tiny_model_dir)]
-    # the same measurement in another process: equal FLOPs, P to rounding (once in a full
-    # suite on an AMX CPU a fresh process's first bf16 eval differed by 3e-6 of itself)
+    # the same measurement in another process: equal FLOPs, P to bf16 rounding (oneDNN's bf16
+    # kernels round differently from process to process on AMX CPUs: seen 3e-6 and 1.7e-5 of
+    # P; bf16 keeps 8 bits, so a mean NLL agrees to ~1e-3 at worst, and a different model or
+    # target would move it by far more)
     assert killed["flops"] == zero["flops"]
-    assert killed["perf"] == pytest.approx(zero["perf"], rel=1e-5)
+    assert killed["perf"] == pytest.approx(zero["perf"], rel=1e-3)
     for name in ("report.html", "report.md", "runs.csv"):
         assert (tmp_path / "ref" / "report" / name).stat().st_size > 200
     assert any(f.endswith("-frontier.png") for f in os.listdir(tmp_path / "ref" / "report"))
