@@ -18,7 +18,7 @@ LAYERS = {
     "compute": ["ccds.flops", "ccds.tokenize"],
     "data": ["ccds.data", "ccds.data.formats", "ccds.data.sources", "ccds.data.pool",
              "ccds.data.synth", "ccds.data.composition"],
-    "models": ["ccds.models", "ccds.lm"],
+    "models": ["ccds.models", "ccds.lm", "ccds.decoder"],
     "stages": ["ccds.train", "ccds.evaluate", "ccds.select"],
     "selection": ["ccds.score", "ccds.score.*"],
     "results": ["ccds.store", "ccds.analyse", "ccds.analyse.*", "ccds.plan", "ccds.decide",

@@ -148,7 +148,7 @@ def test_scoring_asks_for_a_budget_only_when_none_is_given(tiny, monkeypatch):
 
     model, tok, _ = tiny
     asked = []
-    monkeypatch.setattr(lm, "batch_budget", lambda m, rt: asked.append(rt) or 32)
+    monkeypatch.setattr(lm, "batch_budget", lambda m, rt, **kw: asked.append(rt) or 32)
     enc = encode(_examples(6), tok, 64)
     rt = pick_runtime(device="cpu", dtype="fp32")
     a = lm.score_sequences(model, enc, tok.pad_token_id, rt)
@@ -214,14 +214,20 @@ def _batch(tok, rows: int, prompt: int, response: int):
     return enc, batch, tokens, float(batch.n_response.sum()) / tokens
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype):
+@pytest.mark.parametrize("dtype,own", [("fp32", True), ("bf16", True), ("fp32", False)],
+                         ids=["fp32", "bf16", "fp32-transformers"])
+def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype, own, monkeypatch):
     """Issue 31: one scoring batch's peak (after a warm-up) lies between 1/1.5 of the
     estimate and the estimate, with the head's 1,024-position chunk (a fixed 1 GB here) the
-    peak or the body's transients the peak (the old 10·vocab bytes per token: 5-40x it)."""
+    peak or the body's transients the peak (the old 10·vocab bytes per token: 5-40x it);
+    through ccds's own forward and through transformers' (`own`)."""
+    from ccds import decoder
     from ccds.lm import score_sequences
 
     model, tok = llama_128k
+    assert decoder.supports(model)
+    if not own:
+        monkeypatch.setattr(decoder, "supports", lambda base: False)
     rt = Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else None)
     if dtype == "bf16":
         model = copy.deepcopy(model).to(torch.bfloat16)
@@ -234,9 +240,11 @@ def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype):
 
         run()
         peak = _peak_bytes(run)
-        est = ModelShape.of(model).batch_bytes(tokens, act, response_share=share)
+        est = ModelShape.of(model).batch_bytes(tokens, act, response_share=share,
+                                               own_forward=own)
         assert peak <= est <= 1.5 * peak, (shape, peak / 1e6, est / 1e6)
-        assert est <= ModelShape.of(model).batch_bytes(tokens, act)  # share 1.0: safe
+        # share 1.0: safe
+        assert est <= ModelShape.of(model).batch_bytes(tokens, act, own_forward=own)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

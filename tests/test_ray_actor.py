@@ -95,7 +95,9 @@ def test_an_actor_counts_its_first_batches_over_all_shards(tiny_model_dir, monke
     monkeypatch.setattr(FlopCounter, "__torch_dispatch__", counting)
     monkeypatch.setattr(Meter, "_batch", reported)
     runs = {}
-    for size in (None, 8):  # a full count (the CPU's), then a sample of 8 batches
+    for size in (None, "two shards"):  # a full count (the CPU's), then a sample
+        if size is not None:  # one batch more than the first shard has
+            size = runs[None][2][0] + 1
         actor = on_ray._Actor(p, "fp32", True, 1)
         actor.sample = Sample(size)
         done["batches"] = 0
@@ -105,10 +107,10 @@ def test_an_actor_counts_its_first_batches_over_all_shards(tiny_model_dir, monke
             outs.append(actor(_batch(s, lo=8 * i)))
             ends.append(done["batches"])
         runs[size] = (outs, dict(ops), ends, actor.sample)
-    (full, _, ends, _), (sampled, seen, ends_sampled, sample) = runs[None], runs[8]
-    assert ends == ends_sampled and ends[0] < 8 < ends[1]  # the sample spans two shards
-    assert sample.batches == 8
-    assert sorted(seen) == list(range(8))  # ops of the first eight batches only, none after
+    (full, _, ends, _), (sampled, seen, ends_sampled, sample) = runs[None], runs[size]
+    assert ends == ends_sampled and ends[0] < size < ends[1]  # the sample spans two shards
+    assert sample.batches == size
+    assert sorted(seen) == list(range(size))  # ops of the sample's batches only, none after
     for a, b in zip(full, sampled, strict=True):
         np.testing.assert_allclose(a["x"], b["x"], rtol=1e-6)
     total = [sum(o["stats"][0, MEASURED] for o in outs) for outs in (full, sampled)]

@@ -10,15 +10,19 @@ through the model's own forward instead, asking for logits at the last k positio
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import HEAD_ROWS, Runtime, batch_budget, plain_head
-from .tokenize import Batch, Encoded, collate, length_batches, to_device
+from . import decoder
+from .models import HEAD_ROWS, Runtime, batch_budget, cpu_matmul_gflops, plain_head
+from .tokenize import Batch, Encoded, collate, length_batches, to_device, token_batches
 
 
-def response_logprobs(model, batch: Batch, suffix: bool = False
+def response_logprobs(model, batch: Batch, suffix: bool = False,
+                      kernels: decoder.Kernels | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the response tokens: ([B, k] values, [B, k] bool mask).
 
@@ -37,7 +41,7 @@ def response_logprobs(model, batch: Batch, suffix: bool = False
     mask = torch.zeros(rows * k, dtype=torch.bool, device=device).index_fill_(0, flat, True)
     base = plain_head(model)
     if base is not None:  # one gather of the scored positions, no copy of the other states
-        hidden = _decoder_states(base, batch)
+        hidden = _decoder_states(base, batch, kernels)
         hidden = hidden.reshape(rows * width, -1).index_select(0, at)
         values = _token_logprobs(base.get_output_embeddings(), hidden, targets)
     else:  # the model's own forward, logits at the k positions before the last token
@@ -62,9 +66,37 @@ def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _decoder_states(base, batch: Batch) -> torch.Tensor:
+def _decoder_states(base, batch: Batch, kernels: decoder.Kernels | None = None
+                    ) -> torch.Tensor:
+    """[B, W, d]: `decoder.states` with `kernels`, else (None) the model's own forward."""
+    if kernels is not None:
+        return decoder.states(base, batch, kernels)
     return base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+
+
+class _Pass(NamedTuple):
+    batches: list[np.ndarray]
+    kernels: decoder.Kernels | None  # None: the model's own forward
+
+
+def _no_grad_pass(model, enc: Encoded, runtime: Runtime, max_tokens: int | None) -> _Pass:
+    """How a no-grad pass over `enc` runs. Where `decoder.states` serves the model: batches
+    packed by real tokens (padding is free there; on a CPU 4,096 of them, which kept the
+    elementwise work in cache better than 8,192), its kernels compiled when
+    `decoder.compile_pays` for this pass's predicted eager time. Else the model's own
+    forward over similar-length batches with little padding."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not decoder.supports(base):
+        return _Pass(length_batches(enc.lengths, max_tokens or batch_budget(model, runtime)),
+                     None)
+    seconds = None
+    if runtime.device.type == "cpu":
+        rate = cpu_matmul_gflops()["fp32" if runtime.autocast is None else "bf16"]
+        flops = 2 * sum(p.numel() for p in base.parameters()) * int(enc.lengths.sum())
+        seconds = flops / (rate * 1e9 * decoder.EAGER_SHARE)
+    budget = max_tokens or batch_budget(model, runtime, default=4096)
+    return _Pass(token_batches(enc.lengths, budget), decoder.kernels_for(seconds, runtime.device))
 
 
 def response_nll(model, batch: Batch, suffix: bool = False
@@ -88,12 +120,12 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
     nll = np.zeros(n, dtype=np.float64)
     prob = np.zeros(n, dtype=np.float64)
     count = np.zeros(n, dtype=np.int64)
-    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
+    run = _no_grad_pass(model, enc, runtime, max_tokens)
     model.eval()
-    for index in track(batches, progress):
+    for index in track(run.batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
-            lp, mask = response_logprobs(model, batch)
+            lp, mask = response_logprobs(model, batch, kernels=run.kernels)
         stats = torch.stack([-lp.sum(1), (lp.exp() * mask).sum(1)]).double().cpu().numpy()
         nll[index], prob[index] = stats
         count[index] = np.maximum(batch.response - batch.suffix, 0)  # mask.sum(1)
@@ -113,11 +145,11 @@ def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = np.zeros((len(enc), base.config.hidden_size), dtype=np.float32)
     model.eval()
-    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
-    for index in track(batches, progress):
+    run = _no_grad_pass(model, enc, runtime, max_tokens)
+    for index in track(run.batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
-            h = _decoder_states(base, batch)
+            h = _decoder_states(base, batch, run.kernels)
         m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
         out[index] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy()
         if meter is not None:
@@ -138,11 +170,11 @@ def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: i
     assert base is not None, "option_logprobs needs a plain LM head"
     out: list[np.ndarray] = [np.zeros(0)] * len(enc)
     model.eval()
-    batches = length_batches(enc.lengths, max_tokens or batch_budget(model, runtime))
-    for index in track(batches, progress):
+    run = _no_grad_pass(model, enc, runtime, max_tokens)
+    for index in track(run.batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
-            hidden = _decoder_states(base, batch)
+            hidden = _decoder_states(base, batch, run.kernels)
             col = hidden.shape[1] - 2 - batch.n_suffix  # predicts the one scored token
             h = hidden[torch.arange(len(index), device=hidden.device), col]
             logp = F.log_softmax(base.get_output_embeddings()(h).float(), dim=-1).cpu()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
+from . import decoder
 from .errors import CcdsError, require
 from .io import atomic_dir, file_sha256, read_json, stable_hash, write_json
 
@@ -112,31 +113,39 @@ def cpu_info() -> tuple[str | None, frozenset[str]]:
 
 def cpu_prefers_bf16() -> bool:
     """Whether bf16 autocast pays on this CPU: native bf16 AND a bf16 matmul at least 1.25x
-    the fp32 one, measured once and cached per (CPU, torch, threads).
+    the fp32 one (`cpu_matmul_gflops`, measured once per machine).
 
     Flags alone mislead: with AMX bf16 runs well ahead of fp32, but on CPUs with AVX512-BF16
     and no AMX it has run behind. The cache keeps `auto` the same choice on a machine from
     run to run (a re-measure could flip a close call)."""
     if not cpu_has_native_bf16():
         return False
+    rate = cpu_matmul_gflops()
+    return rate["bf16"] >= 1.25 * rate["fp32"]
+
+
+def cpu_matmul_gflops() -> dict[str, float]:
+    """This CPU's fp32 and bf16 matmul GFLOP/s ({"fp32": .., "bf16": ..}), measured once and
+    cached per (CPU, torch, threads): the dtype choice and the compile cost model read it."""
     model, flags = cpu_info()
     key = stable_hash(model, sorted(flags) or None, torch.__version__, torch.get_num_threads())
     path = cache_dir() / "cpu-dtype" / f"{key}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
-        return bool(json.loads(path.read_text())["bf16"])
+        cached = json.loads(path.read_text())
+        return {"fp32": float(cached["fp32_gflops"]), "bf16": float(cached["bf16_gflops"])}
     if key in _UNCACHED:
         return _UNCACHED[key]
-    rate = _matmul_gflops()
-    bf16 = rate[torch.bfloat16] >= 1.25 * rate[torch.float32]
+    measured = _matmul_gflops()
+    rate = {"fp32": round(measured[torch.float32], 1), "bf16": round(measured[torch.bfloat16], 1)}
     try:
-        write_json(path, {"bf16": bf16, "fp32_gflops": round(rate[torch.float32], 1),
-                          "bf16_gflops": round(rate[torch.bfloat16], 1)})
+        write_json(path, {"bf16": rate["bf16"] >= 1.25 * rate["fp32"],
+                          "fp32_gflops": rate["fp32"], "bf16_gflops": rate["bf16"]})
     except (OSError, CcdsError):  # a read-only cache: measure once per process, not per call
-        _UNCACHED[key] = bf16
-    return bf16
+        _UNCACHED[key] = rate
+    return rate
 
 
-_UNCACHED: dict[str, bool] = {}
+_UNCACHED: dict[str, dict[str, float]] = {}
 
 
 def _matmul_gflops(n: int = 1024, seconds: float = 0.6) -> dict[torch.dtype, float]:
@@ -468,12 +477,14 @@ class ModelShape(NamedTuple):
 
     def batch_bytes(self, tokens: int, act_bytes: int, *, backward: bool = False,
                     checkpointing: bool = False, response_share: float = 1.0,
-                    plain_head: bool = True) -> float:
+                    plain_head: bool = True, own_forward: bool = False) -> float:
         """An upper estimate of the bytes a batch of `tokens` padded tokens holds at its peak,
         besides the weights (tests/test_memory.py holds it within 1.5x of a measured peak).
 
         Forward only: one layer's transients (≤ 8·d_model + 3·d_ff per token: norms, q/k/v,
-        attention's output, the gated MLP) or, after the body, the final states (≤ 3·d_model)
+        attention's output, the gated MLP; through `decoder.states`, `own_forward`, the
+        larger of 9·d_model and 5·d_model + 2·d_ff, its SwiGLU running in place) or, after
+        the body, the final states (≤ 3·d_model)
         with the head, which runs `HEAD_ROWS` scored positions at a time (logits and fp32
         log-softmax, 8 bytes per vocabulary entry): a fixed chunk, not a cost per token.
         With the backward, per token and layer what it keeps (the norms' fp32 inputs, q/k/v
@@ -486,7 +497,8 @@ class ModelShape(NamedTuple):
         projection (`lm.plain_head`) gives logits for every kept position at once."""
         d, ff, v = self.d_model, self.d_ff, self.vocab
         if not backward:
-            body = tokens * (8 * d + 3 * ff) * act_bytes
+            width = max(9 * d, 5 * d + 2 * ff) if own_forward else 8 * d + 3 * ff
+            body = tokens * width * act_bytes
             if not plain_head:
                 return body + tokens * (act_bytes + 8) * v
             rows = min(HEAD_ROWS, math.ceil(response_share * tokens))
@@ -522,8 +534,10 @@ def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool
     shape = ModelShape.of(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fixed = 12 * trainable if backward else 0
+    base = plain_head(model)
     kw = dict(backward=backward, checkpointing=checkpointing, response_share=response_share,
-              plain_head=plain_head(model) is not None)
+              plain_head=base is not None,
+              own_forward=not backward and base is not None and decoder.supports(base))
     return fit_tokens(lambda t: fixed + shape.batch_bytes(t, act, **kw), free, cap=cap)
 
 

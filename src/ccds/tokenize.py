@@ -183,6 +183,26 @@ def length_batches(lengths: np.ndarray, max_tokens: int, max_batch: int = 64,
     return batches
 
 
+def token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int = 512
+                  ) -> list[np.ndarray]:
+    """Rows longest first, as many per batch as fit in `max_tokens` real tokens (at least
+    one): for a forward that runs real tokens only (`decoder.states`), where padding costs
+    nothing outside attention, which groups similar lengths itself."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        end, total = start + 1, int(lengths[order[start]])
+        while end < len(order) and end - start < max_rows:
+            total += int(lengths[order[end]])
+            if total > max_tokens:
+                break
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def ordered_batches(lengths: np.ndarray, max_tokens: int, max_batch: int = 64
                     ) -> list[np.ndarray]:
     """Consecutive rows, in the given order, with batch·max_len ≤ max_tokens: for a

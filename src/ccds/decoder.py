@@ -1,0 +1,241 @@
+"""ccds's own forward of Llama-style decoders: transformers' numbers, without its padding.
+
+Why: a padded batch of similar-length rows is small (a few hundred to a few thousand
+tokens once padding is capped), and where matmuls are fast (AMX CPUs, GPUs) its small
+matmuls and the per-op work around them (the 4-D mask, K/V heads repeated for grouped
+attention, five kernels per norm) dominate. Here a batch's real tokens are one [N, d]
+matrix through every linear layer (no padding, so batches are packed by real tokens
+whatever their lengths), q/k/v are one matmul, SwiGLU runs in place, and attention runs
+causally on groups of similar-length rows padded on the right: no mask, so the fused
+kernel, and grouped K/V heads are never repeated. Adapter layers (LoRA) are called as they
+are, so trained models take this path too.
+
+The elementwise work between the matmuls (residual add + RMSNorm, rotary embedding,
+SwiGLU) is four small functions; `Kernels.compiled()` fuses each into one kernel with
+`torch.compile`, which `compile_pays` decides per pass (compiling takes seconds, and
+inductor caches what it built on disk for the next process).
+
+`supports` names the models served (Llama; Mistral and Qwen2 without a sliding window);
+any other runs its own forward (`lm._decoder_states`). tests/test_decoder.py holds both
+paths to the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokenize import Batch, to_device
+
+MAX_PAD = 0.1  # attention groups: rows at most this much shorter than their longest
+Compile = Literal["auto", "on", "off"]
+
+
+def supports(base) -> bool:
+    """Whether `base` (a causal LM, not a PeftModel wrapper) has exactly the layer
+    structure this forward implements."""
+    cfg = getattr(base, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ("llama", "mistral", "qwen2") or getattr(cfg, "hidden_act", None) != "silu":
+        return False
+    if kind == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        return False
+    if kind == "qwen2" and getattr(cfg, "use_sliding_window", False):
+        return False
+    return hasattr(base.get_decoder(), "rotary_emb")
+
+
+class Kernels(NamedTuple):
+    """The elementwise steps between matmuls, eager or compiled."""
+
+    rms: Callable  # (x, weight, eps) -> RMSNorm(x)
+    add_rms: Callable  # (x, a, weight, eps) -> (x + a, RMSNorm(x + a))
+    rope: Callable  # (x [N, heads, dim], cos, sin) -> x rotated
+    swiglu: Callable  # (gate, up) -> silu(gate) * up
+
+    @staticmethod
+    @cache  # one compiled set per process; inductor keeps its artefacts on disk between them
+    def compiled() -> Kernels:
+        return Kernels(*(_guarded(torch.compile(f, dynamic=True), f) for f in EAGER))
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: fp32 statistics, scaled in the input's dtype."""
+    f = x.float()
+    return w * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _add_rms(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float):
+    x = x + a
+    return x, _rms(x, w, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)  # into gate's columns: no [N, d_ff] temporaries
+
+
+EAGER = Kernels(_rms, _add_rms, _rope, _swiglu)
+
+# Compiling the four kernels took ~15 s on a 2-core CPU with an empty inductor cache and
+# saved about a fifth of a pass, whose eager forward ran at about 0.3 of the matmul peak
+# (benchmarks/speed_lm.py): a cost model's three numbers, not guarantees.
+COMPILE_SECONDS, COMPILE_SAVES, EAGER_SHARE = 15.0, 0.2, 0.3
+
+
+def compile_setting() -> Compile:
+    """$CCDS_COMPILE: auto (default), on or off."""
+    value = os.environ.get("CCDS_COMPILE", "auto")
+    return value if value in ("on", "off") else "auto"  # type: ignore[return-value]
+
+
+def compile_pays(setting: Compile, device: torch.device, seconds: float | None) -> bool:
+    """Whether to compile the kernels for a pass predicted to take `seconds` eager (None:
+    unknown). `auto` compiles on CPUs only (where the saving was measured) and only when
+    the saving beats the compile time; `on`/`off` force it."""
+    if setting != "auto":
+        return setting == "on"
+    return (device.type == "cpu" and seconds is not None
+            and COMPILE_SAVES * seconds > COMPILE_SECONDS)
+
+
+def kernels_for(seconds: float | None, device: torch.device) -> Kernels:
+    """The kernels for a pass predicted to take `seconds` eager (`compile_pays`)."""
+    return Kernels.compiled() if compile_pays(compile_setting(), device, seconds) else EAGER
+
+
+def _guarded(compiled: Callable, eager: Callable) -> Callable:
+    """`compiled`, or `eager` from its first failure on (no C++ compiler or Triton here,
+    an unsupported op): one warning, and the pass goes on with the same numbers to rounding."""
+    failed: list[BaseException] = []
+
+    def run(*args):
+        if not failed:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compile failure means: run eager
+                failed.append(e)
+                warnings.warn(f"torch.compile failed ({str(e).splitlines()[0][:200]}); "
+                              "running eager (CCDS_COMPILE=off silences this)", stacklevel=2)
+        return eager(*args)
+    return run
+
+
+@dataclass
+class _Group:
+    """Rows attended together: `rows` × `width`, right-padded, gathered from the flat tokens
+    by `take` and their real positions kept by `keep` (both None: the rows are already
+    contiguous and unpadded)."""
+
+    rows: int
+    width: int
+    take: torch.Tensor | None
+    keep: torch.Tensor | None
+    span: tuple[int, int]  # the group's tokens in the flat order
+
+
+def _layout(lengths: np.ndarray, device) -> tuple[list[_Group], np.ndarray]:
+    """Attention groups of the batch's rows, and each flat token's position in its row.
+
+    Rows keep their order (the flat tokens are row-major); a group closes at a row longer
+    than its first or more than MAX_PAD shorter. Pads point at the group's first token:
+    right-padded and causal, no real query ever attends to them."""
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    groups: list[_Group] = []
+    r = 0
+    while r < len(lengths):
+        width, end = int(lengths[r]), r + 1
+        while end < len(lengths) and (1 - MAX_PAD) * width <= lengths[end] <= width:
+            end += 1
+        span = (int(starts[r]), int(starts[end]))
+        ls = lengths[r:end]
+        if (ls == width).all():
+            groups.append(_Group(end - r, width, None, None, span))
+        else:
+            cols = np.arange(width)
+            real = cols[None, :] < ls[:, None]
+            take = np.where(real, starts[r:end, None] + cols[None, :], span[0]).reshape(-1)
+            groups.append(_Group(end - r, width, to_device(torch.from_numpy(take), device),
+                                 to_device(torch.from_numpy(np.flatnonzero(real)), device),
+                                 span))
+        r = end
+    position = np.arange(int(starts[-1])) - np.repeat(starts[:-1], lengths)
+    return groups, position
+
+
+def states(base, batch: Batch, kernels: Kernels = EAGER) -> torch.Tensor:
+    """The decoder's last hidden states, [B, W, d] like `base.get_decoder()(...)`'s for the
+    left-padded `batch` (zeros at the padding), computed on the real tokens only."""
+    decoder = base.get_decoder()
+    rows, width = batch.input_ids.shape
+    device = batch.input_ids.device
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
+    # row r's real tokens are its last lengths[r] columns
+    at = np.concatenate([r * width + np.arange(width - n, width) for r, n in enumerate(lengths)])
+    at = to_device(torch.from_numpy(at), device)
+    groups, position = _layout(lengths, device)
+    x = decoder.embed_tokens(batch.input_ids.reshape(-1).index_select(0, at))
+    cos, sin = decoder.rotary_emb(x[None], to_device(torch.from_numpy(position), device)[None])
+    rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [N, 1, head_dim]
+    layers = list(decoder.layers)
+    # every norm but the first follows a residual add, and is fused with it
+    after = [n for i, layer in enumerate(layers) for n in (
+        layer.post_attention_layernorm,
+        layers[i + 1].input_layernorm if i + 1 < len(layers) else decoder.norm)]
+    first = layers[0].input_layernorm
+    h = kernels.rms(x, first.weight, first.variance_epsilon)
+    for i, layer in enumerate(layers):
+        a = _attention(layer.self_attn, h, rope, groups, kernels)
+        x, h = kernels.add_rms(x, a, after[2 * i].weight, after[2 * i].variance_epsilon)
+        # gate and up as two matmuls: one over concatenated weights would hold [N, 2·d_ff]
+        # and the weights' copy at the peak, for little speed at these row counts
+        m = layer.mlp.down_proj(kernels.swiglu(layer.mlp.gate_proj(h), layer.mlp.up_proj(h)))
+        x, h = kernels.add_rms(x, m, after[2 * i + 1].weight, after[2 * i + 1].variance_epsilon)
+    out = h.new_zeros(rows * width, h.shape[-1]).index_copy_(0, at, h)
+    return out.view(rows, width, -1)
+
+
+def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each module's output for `x`: plain Linear layers as one matmul over their
+    concatenated weights, anything else (LoRA layers) called as it is."""
+    if all(type(m) is torch.nn.Linear for m in mods):
+        biases = [m.bias for m in mods]
+        if all(b is not None for b in biases) or all(b is None for b in biases):
+            w = torch.cat([m.weight for m in mods])
+            b = torch.cat(biases) if biases[0] is not None else None
+            return list(F.linear(x, w, b).split([m.out_features for m in mods], -1))
+    return [m(x) for m in mods]
+
+
+def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
+               kernels: Kernels) -> torch.Tensor:
+    n, dim = len(h), attn.head_dim
+    q, k, v = _project([attn.q_proj, attn.k_proj, attn.v_proj], h)
+    q = kernels.rope(q.view(n, -1, dim), *rope)
+    k = kernels.rope(k.view(n, -1, dim), *rope)
+    v = v.view(n, -1, dim)
+    parts = []
+    for g in groups:
+        qkv = []
+        for t in (q, k, v):
+            t = t[g.span[0]:g.span[1]] if g.take is None else t.index_select(0, g.take)
+            qkv.append(t.view(g.rows, g.width, t.shape[1], dim).transpose(1, 2))
+        o = F.scaled_dot_product_attention(*qkv, is_causal=True, scale=attn.scaling,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
+        parts.append(o if g.keep is None else o.index_select(0, g.keep))
+    return attn.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))

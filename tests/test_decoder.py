@@ -1,0 +1,123 @@
+"""ccds's own decoder forward (`decoder.states`) against transformers' forward, the plain
+reference: the same hidden states for every architecture it serves, LoRA-wrapped models,
+rows of any lengths (several attention groups, with and without padding), eager and
+compiled kernels; and the passes in lm.py take it with batches packed by real tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ccds import decoder
+from ccds.lm import _decoder_states, mean_hidden, score_sequences
+from ccds.models import add_lora, pick_runtime
+from ccds.tokenize import Encoded, collate, token_batches
+
+LENGTHS = [23, 23, 22, 17, 16, 9, 9, 31, 3, 1]  # unsorted: groups with pads, without, alone
+
+
+def _model(kind: str, **extra):
+    import transformers as tf
+
+    config, model = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                     "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    cfg = config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 **extra)
+    return model(cfg).eval().requires_grad_(False)
+
+
+def _batch(lengths=LENGTHS, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, 97, n) for n in lengths]
+    enc = Encoded(ids, np.array([n - min(4, n - 1) for n in lengths]), np.zeros(len(ids), int))
+    return enc, collate(enc, np.arange(len(ids)), 0)
+
+
+def _agree(model, batch, kernels=decoder.EAGER, atol=2e-5):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        ref = _decoder_states(base, batch)
+        got = decoder.states(base, batch, kernels)
+    real = batch.attention_mask.bool()
+    assert torch.allclose(got[real], ref[real], atol=atol, rtol=1e-4), \
+        (got[real] - ref[real]).abs().max()
+    assert not got[~real].any()  # zeros at the padding
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 32}),
+    ("mistral", {"sliding_window": None}),
+    ("qwen2", {}),  # biases on q/k/v
+], ids=["llama", "llama-bias-headdim", "mistral", "qwen2"])
+def test_same_states_as_the_models_own_forward(kind, extra):
+    model = _model(kind, **extra)
+    assert decoder.supports(model)
+    _agree(model, _batch()[1])
+
+
+def test_lora_layers_are_called_as_they_are():
+    class Lora:
+        lora_r, lora_alpha, lora_dropout, seed = 4, 8, 0.0, 0
+        target_modules = ["q_proj", "v_proj", "gate_proj"]
+
+    model = add_lora(_model("llama"), Lora())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B is no longer zero
+            p.data.normal_(0, 0.2)
+    _agree(model.eval(), _batch()[1])
+
+
+def test_models_it_does_not_serve_run_their_own_forward():
+    assert not decoder.supports(_model("mistral", sliding_window=8))
+    assert not decoder.supports(_model("qwen2", use_sliding_window=True, sliding_window=8))
+    assert not decoder.supports(_model("llama", hidden_act="gelu"))
+
+
+@pytest.mark.slow
+def test_compiled_kernels_give_the_eager_numbers():
+    """Fused by torch.compile (inductor; a C++ compiler here), the same states to fp32
+    rounding, and one compiled set serves every batch shape (dynamic shapes)."""
+    model = _model("llama")
+    kernels = decoder.Kernels.compiled()
+    for seed, lengths in enumerate([LENGTHS, [40, 38, 5], [7]]):
+        _agree(model, _batch(lengths, seed)[1], kernels, atol=1e-4)
+
+
+def test_token_batches_pack_real_tokens_longest_first():
+    lengths = np.array([5, 300, 40, 41, 7, 200, 1, 99])
+    batches = token_batches(lengths, 256, max_rows=3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    flat = np.concatenate(batches)
+    assert (np.diff(lengths[flat]) <= 0).all()  # longest first
+    for b in batches:
+        assert len(b) <= 3 and (lengths[b].sum() <= 256 or len(b) == 1)
+    assert [len(b) for b in batches] == [1, 1, 3, 3]  # 300 alone; 200 alone (200+99>256)
+
+
+def test_compile_cost_model():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not decoder.compile_pays("auto", cpu, None)  # unknown: do not pay to find out
+    assert not decoder.compile_pays("auto", cpu, decoder.COMPILE_SECONDS)  # saves too little
+    assert decoder.compile_pays("auto", cpu, 2 * decoder.COMPILE_SECONDS / decoder.COMPILE_SAVES)
+    assert not decoder.compile_pays("auto", gpu, 1e6)  # not measured there: opt in
+    assert decoder.compile_pays("on", gpu, None) and not decoder.compile_pays("off", cpu, 1e6)
+
+
+def test_passes_take_it_and_keep_their_numbers(monkeypatch):
+    """score_sequences and mean_hidden through decoder.states (packed batches) and through
+    the model's own forward (length batches): the same numbers in fp32."""
+    model = _model("llama")
+    enc, _ = _batch()
+    rt = pick_runtime(dtype="fp32")
+    fast = score_sequences(model, enc, 0, rt, max_tokens=64)
+    hidden = mean_hidden(model, enc, 0, rt, max_tokens=64)
+    monkeypatch.setattr(decoder, "supports", lambda base: False)
+    plain = score_sequences(model, enc, 0, rt, max_tokens=64)
+    assert np.allclose(fast["nll_sum"], plain["nll_sum"], rtol=1e-5)
+    assert (fast["n_tokens"] == plain["n_tokens"]).all()
+    assert np.allclose(hidden, mean_hidden(model, enc, 0, rt, max_tokens=64), atol=1e-5)
