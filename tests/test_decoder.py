@@ -121,3 +121,32 @@ def test_passes_take_it_and_keep_their_numbers(monkeypatch):
     assert np.allclose(fast["nll_sum"], plain["nll_sum"], rtol=1e-5)
     assert (fast["n_tokens"] == plain["n_tokens"]).all()
     assert np.allclose(hidden, mean_hidden(model, enc, 0, rt, max_tokens=64), atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "checkpointing"])
+def test_training_gradients_equal_the_models_own(recompute, monkeypatch):
+    """A LoRA step's gradients through decoder.states (with the model's gradient
+    checkpointing: each layer recomputed in the backward) and through its own forward."""
+    from ccds.lm import response_nll
+
+    class Lora:
+        lora_r, lora_alpha, lora_dropout, seed = 4, 8, 0.0, 0
+        target_modules = ["q_proj", "k_proj", "o_proj", "down_proj"]
+
+    model = add_lora(_model("llama"), Lora()).train()
+    if recompute:
+        model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    _, batch = _batch()
+    calls = []
+    real = decoder.checkpoint
+    monkeypatch.setattr(decoder, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = []
+    for kernels in (decoder.EAGER, None):
+        model.zero_grad()
+        nll, n = response_nll(model, batch, suffix=True, kernels=kernels)
+        (nll.sum() / n.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.requires_grad]))
+    assert grads[1].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert len(calls) == (3 if recompute else 0)  # each of the 3 layers recomputed

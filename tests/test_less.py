@@ -34,13 +34,21 @@ def lora_model(tiny):
     return peft, tok
 
 
-def test_batched_per_example_grads_match_one_at_a_time(lora_model):
+@pytest.mark.parametrize("own", [True, False], ids=["ccds-forward", "transformers-forward"])
+def test_batched_per_example_grads_match_one_at_a_time(lora_model, own):
+    """One backward for the batch (through ccds's own forward, whose hooks see [N, ·] real
+    tokens, or the model's, [B, W, ·]) against a backward per example (the model's)."""
+    from ccds.lm import own_kernels
+
     model, tok = lora_model
     ex = [Example(f"e{i}", "word " * (2 + 4 * i), "reply " * (1 + 2 * (i % 3))) for i in range(6)]
     enc = encode(ex, tok)
     names = lora_names(model)
     rt = pick_runtime(dtype="fp32")  # exactness is an fp32 property
-    batched = per_example_grads(model, collate(enc, np.arange(6), tok.pad_token_id), names, rt)
+    kernels = own_kernels(model, rt) if own else None
+    assert (kernels is not None) == own
+    batched = per_example_grads(model, collate(enc, np.arange(6), tok.pad_token_id), names, rt,
+                                kernels)
     assert batched.shape == (6, sum(p.numel() for n, p in model.named_parameters()
                                     if n in names))
     params = dict(model.named_parameters())

@@ -4,6 +4,7 @@ meta device with a GPU's free memory faked; a step split to fit trains the same;
 load straight into their runtime's dtype."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -251,7 +252,7 @@ def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype, own, monke
 def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
     """The same for a LoRA step's forward and backward (TrainConfig's adapters): the head
     on every response token at once, the body's saved activations on every token."""
-    from ccds.lm import response_nll
+    from ccds.lm import own_kernels, response_nll
 
     base, tok = llama_128k
     rt = Runtime(torch.device("cpu"), torch.bfloat16 if dtype == "bf16" else None)
@@ -259,13 +260,15 @@ def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
     model = add_lora(base, TrainConfig())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     act = 2 if dtype == "bf16" else 4
-    for shape, dims in STEP_SHAPES.items():
+    own = own_kernels(model, rt)
+    assert own is not None
+    for (shape, dims), kernels in itertools.product(STEP_SHAPES.items(), (None, own)):
         _, batch, tokens, share = _batch(tok, *dims)
 
-        def step(batch=batch):
+        def step(batch=batch, kernels=kernels):  # ccds's own forward, or transformers'
             model.train()
             with rt.amp():
-                nll, n = response_nll(model, batch, suffix=True)
+                nll, n = response_nll(model, batch, suffix=True, kernels=kernels)
             (nll.sum() / n.sum()).backward()
 
         step()
@@ -274,4 +277,4 @@ def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
         model.zero_grad(set_to_none=True)
         est = 4 * trainable + ModelShape.of(model).batch_bytes(tokens, act, backward=True,
                                                                response_share=share)
-        assert peak <= est <= 1.5 * peak, (shape, peak / 1e6, est / 1e6)
+        assert peak <= est <= 1.5 * peak, (shape, kernels is None, peak / 1e6, est / 1e6)

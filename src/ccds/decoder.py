@@ -26,12 +26,13 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .tokenize import Batch, to_device
 
@@ -179,34 +180,59 @@ def _layout(lengths: np.ndarray, device) -> tuple[list[_Group], np.ndarray]:
 
 def states(base, batch: Batch, kernels: Kernels = EAGER) -> torch.Tensor:
     """The decoder's last hidden states, [B, W, d] like `base.get_decoder()(...)`'s for the
-    left-padded `batch` (zeros at the padding), computed on the real tokens only."""
+    left-padded `batch` (zeros at the padding), computed on the real tokens only.
+    Differentiable; with the model's gradient checkpointing on, each layer is recomputed
+    in the backward as transformers would."""
     decoder = base.get_decoder()
-    rows, width = batch.input_ids.shape
     device = batch.input_ids.device
     lengths = np.asarray(batch.lengths, dtype=np.int64)
-    # row r's real tokens are its last lengths[r] columns
-    at = np.concatenate([r * width + np.arange(width - n, width) for r, n in enumerate(lengths)])
-    at = to_device(torch.from_numpy(at), device)
+    at = to_device(torch.from_numpy(_real_positions(batch)), device)
     groups, position = _layout(lengths, device)
     x = decoder.embed_tokens(batch.input_ids.reshape(-1).index_select(0, at))
     cos, sin = decoder.rotary_emb(x[None], to_device(torch.from_numpy(position), device)[None])
     rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [N, 1, head_dim]
     layers = list(decoder.layers)
-    # every norm but the first follows a residual add, and is fused with it
-    after = [n for i, layer in enumerate(layers) for n in (
-        layer.post_attention_layernorm,
-        layers[i + 1].input_layernorm if i + 1 < len(layers) else decoder.norm)]
     first = layers[0].input_layernorm
     h = kernels.rms(x, first.weight, first.variance_epsilon)
     for i, layer in enumerate(layers):
-        a = _attention(layer.self_attn, h, rope, groups, kernels)
-        x, h = kernels.add_rms(x, a, after[2 * i].weight, after[2 * i].variance_epsilon)
-        # gate and up as two matmuls: one over concatenated weights would hold [N, 2·d_ff]
-        # and the weights' copy at the peak, for little speed at these row counts
-        m = layer.mlp.down_proj(kernels.swiglu(layer.mlp.gate_proj(h), layer.mlp.up_proj(h)))
-        x, h = kernels.add_rms(x, m, after[2 * i + 1].weight, after[2 * i + 1].variance_epsilon)
-    out = h.new_zeros(rows * width, h.shape[-1]).index_copy_(0, at, h)
-    return out.view(rows, width, -1)
+        # every norm but the first follows a residual add, and is fused with it
+        after = layers[i + 1].input_layernorm if i + 1 < len(layers) else decoder.norm
+        step = partial(_layer, layer, after, rope=rope, groups=groups, kernels=kernels)
+        # transformers' rule: its checkpointing layers recompute when on and training
+        recompute = (torch.is_grad_enabled() and layer.training
+                     and getattr(layer, "gradient_checkpointing", False))
+        x, h = checkpoint(step, x, h, use_reentrant=False) if recompute else step(x, h)
+    return unflatten(h, batch)
+
+
+def _real_positions(batch: Batch) -> np.ndarray:
+    """Flat [B·W] positions of the real tokens, row by row: row r's are its last
+    lengths[r] columns (left padding)."""
+    width = batch.input_ids.shape[1]
+    return np.concatenate([r * width + np.arange(width - n, width)
+                           for r, n in enumerate(np.asarray(batch.lengths, dtype=np.int64))])
+
+
+def unflatten(t: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[N, ...] per real token (the flat layout `states` computes in) -> [B, W, ...] in the
+    batch's left-padded layout, zeros at the padding."""
+    rows, width = batch.input_ids.shape
+    at = to_device(torch.from_numpy(_real_positions(batch)), t.device)
+    out = t.new_zeros(rows * width, *t.shape[1:]).index_copy(0, at, t)
+    return out.view(rows, width, *t.shape[1:])
+
+
+def _layer(layer, after, x: torch.Tensor, h: torch.Tensor, *, rope, groups: list[_Group],
+           kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer: (residual stream, its normed copy) in, the same out, `after` the
+    norm that follows it (the next layer's input norm, or the final one)."""
+    a = _attention(layer.self_attn, h, rope, groups, kernels)
+    norm = layer.post_attention_layernorm
+    x, h = kernels.add_rms(x, a, norm.weight, norm.variance_epsilon)
+    # gate and up as two matmuls: one over concatenated weights would hold [N, 2·d_ff]
+    # and the weights' copy at the peak, for little speed at these row counts
+    m = layer.mlp.down_proj(kernels.swiglu(layer.mlp.gate_proj(h), layer.mlp.up_proj(h)))
+    return kernels.add_rms(x, m, after.weight, after.variance_epsilon)
 
 
 def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
@@ -234,8 +260,9 @@ def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
         for t in (q, k, v):
             t = t[g.span[0]:g.span[1]] if g.take is None else t.index_select(0, g.take)
             qkv.append(t.view(g.rows, g.width, t.shape[1], dim).transpose(1, 2))
-        o = F.scaled_dot_product_attention(*qkv, is_causal=True, scale=attn.scaling,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        o = F.scaled_dot_product_attention(
+            *qkv, is_causal=True, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1],
+            dropout_p=attn.attention_dropout if attn.training else 0.0)
         o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
         parts.append(o if g.keep is None else o.index_select(0, g.keep))
     return attn.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))

@@ -86,23 +86,35 @@ def _no_grad_pass(model, enc: Encoded, runtime: Runtime, max_tokens: int | None)
     elementwise work in cache better than 8,192), its kernels compiled when
     `decoder.compile_pays` for this pass's predicted eager time. Else the model's own
     forward over similar-length batches with little padding."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not decoder.supports(base):
-        return _Pass(length_batches(enc.lengths, max_tokens or batch_budget(model, runtime)),
-                     None)
     seconds = None
     if runtime.device.type == "cpu":
         rate = cpu_matmul_gflops()["fp32" if runtime.autocast is None else "bf16"]
-        flops = 2 * sum(p.numel() for p in base.parameters()) * int(enc.lengths.sum())
+        flops = 2 * sum(p.numel() for p in model.parameters()) * int(enc.lengths.sum())
         seconds = flops / (rate * 1e9 * decoder.EAGER_SHARE)
+    kernels = own_kernels(model, runtime, seconds)
+    if kernels is None:
+        return _Pass(length_batches(enc.lengths, max_tokens or batch_budget(model, runtime)),
+                     None)
     budget = max_tokens or batch_budget(model, runtime, default=4096)
-    return _Pass(token_batches(enc.lengths, budget), decoder.kernels_for(seconds, runtime.device))
+    return _Pass(token_batches(enc.lengths, budget), kernels)
 
 
-def response_nll(model, batch: Batch, suffix: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def own_kernels(model, runtime: Runtime, seconds: float | None = None
+                ) -> decoder.Kernels | None:
+    """The kernels `decoder.states` runs `model` with for a pass predicted to take
+    `seconds` eager (None: unknown, so eager unless CCDS_COMPILE=on), or None where it does
+    not serve the model (its own forward then: other architectures, wrapped models, a head
+    that is more than a projection)."""
+    base = plain_head(model)
+    if base is None or not decoder.supports(base):
+        return None
+    return decoder.kernels_for(seconds, runtime.device)
+
+
+def response_nll(model, batch: Batch, suffix: bool = False,
+                 kernels: decoder.Kernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of response-token NLL per row, response tokens per row)."""
-    lp, mask = response_logprobs(model, batch, suffix)
+    lp, mask = response_logprobs(model, batch, suffix, kernels)
     return -lp.sum(1), mask.sum(1)
 
 

@@ -32,7 +32,7 @@ from .data.types import Example
 from .errors import CcdsError
 from .flops import Ledger, Meter, Stage
 from .io import atomic_dir, bar, stable_hash, write_json
-from .lm import response_nll
+from .lm import own_kernels, response_nll
 from .models import (
     Runtime,
     add_lora,
@@ -308,6 +308,8 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
     last_ckpt = start  # a checkpoint's mean LR covers the steps since the one before
     b = bar(len(steps), progress if main else None, unit="step")
     lengths, resp = enc.lengths, enc.response_lengths  # O(pool) each: once, not per step
+    # ccds's own forward where it serves the model (and the run asks for SDPA attention)
+    kernels = own_kernels(model, rt) if cfg.attn == "sdpa" else None
     with meter, _executing(plain, cfg):
         micro = cfg.micro_tokens or _micro_tokens(plain, rt, cfg)
         for step, group in enumerate(steps, 1):
@@ -326,7 +328,7 @@ def train(examples: Sequence[Example], cfg: TrainConfig | None = None, *, model=
                       else contextlib.nullcontext()):
                     batch = collate(enc, ix, pad).to(rt.device)
                     with rt.amp():
-                        nll, _ = response_nll(model, batch, suffix=True)
+                        nll, _ = response_nll(model, batch, suffix=True, kernels=kernels)
                         loss = nll.sum() / max(n_tok, 1)
                     _backward(acc, scaler, loss * world)  # DDP averages over the processes
                 total += loss.detach().float()

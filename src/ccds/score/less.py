@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from .. import decoder
 from ..flops import Ledger, encoded_work, lora_step_flops
 from ..io import atomic_path, bar, locked, read_json, stable_hash, write_json
-from ..lm import response_nll
+from ..lm import own_kernels, response_nll
 from ..models import (
     ModelShape,
     add_lora,
@@ -229,9 +230,10 @@ class LESS(Method):
                 held.clear()
                 m = 0
 
+        kernels = own_kernels(model, runtime)
         for index in length_batches(enc.lengths, self.batch_tokens(runtime, model)):
             batch = collate(enc, index, tok.pad_token_id).to(runtime.device)
-            g = per_example_grads(model, batch, names, runtime)
+            g = per_example_grads(model, batch, names, runtime, kernels)
             meter.lora_step(batch)
             if moments is not None:
                 g = adam_direction(g, names, moments)
@@ -285,8 +287,11 @@ def lora_names(model) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def per_example_grads(model, batch, names: list[str], runtime) -> torch.Tensor:
-    """[B, N_lora] gradients of each example's mean response loss, from one backward pass."""
+def per_example_grads(model, batch, names: list[str], runtime,
+                      kernels: decoder.Kernels | None = None) -> torch.Tensor:
+    """[B, N_lora] gradients of each example's mean response loss, from one backward pass
+    (through `decoder.states` with `kernels`, whose layers see the batch's real tokens as
+    one [N, ·] matrix, else through the model's own forward)."""
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {}
     handles = []
@@ -303,7 +308,7 @@ def per_example_grads(model, batch, names: list[str], runtime) -> torch.Tensor:
         was_training = model.training
         model.eval()  # no dropout: a gradient per example, not per dropout mask
         with runtime.amp():
-            nll, count = response_nll(model, batch, suffix=True)
+            nll, count = response_nll(model, batch, suffix=True, kernels=kernels)
             loss = (nll / count.clamp(min=1)).sum()
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -314,6 +319,8 @@ def per_example_grads(model, batch, names: list[str], runtime) -> torch.Tensor:
     parts = []
     for n in names:
         x, g = captured[n]
+        if x.dim() == 2:  # per real token: back to [B, W, ·], zeros at the padding
+            x, g = decoder.unflatten(x, batch), decoder.unflatten(g, batch)
         parts.append(torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1))
     return torch.cat(parts, dim=1)
 
