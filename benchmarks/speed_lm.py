@@ -82,7 +82,8 @@ def time_shares(fn) -> dict[str, float]:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    shares = {"gemm": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
+    shares = {"gemm": 0.0, "attention": 0.0, "head log-softmax": 0.0, "optimizer": 0.0,
+              "other": 0.0}
     for e in prof.key_averages():
         kind = ("gemm" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else
                 "attention" if "scaled_dot_product" in e.key else

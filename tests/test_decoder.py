@@ -150,3 +150,22 @@ def test_training_gradients_equal_the_models_own(recompute, monkeypatch):
     assert grads[1].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert len(calls) == (3 if recompute else 0)  # each of the 3 layers recomputed
+
+
+def test_small_passes_skip_the_rate_measurement_and_run_eager(monkeypatch):
+    """A pass too small for compiling to pay even on a slow CPU neither measures the matmul
+    rate (0.6 s, once per machine) nor compiles; a large one asks the cost model."""
+    import ccds.lm as lm
+
+    model = _model("llama")
+    enc, _ = _batch()
+    rt = pick_runtime(dtype="fp32")
+    monkeypatch.setenv("CCDS_COMPILE", "auto")
+    monkeypatch.setattr(lm, "cpu_matmul_gflops", lambda: pytest.fail("measured"))
+    assert lm._no_grad_pass(model, enc, rt, 64).kernels is decoder.EAGER
+    monkeypatch.setattr(decoder, "NEVER_PAYS_BELOW", 0)
+    monkeypatch.setattr(lm, "cpu_matmul_gflops", lambda: {"fp32": 1e-6, "bf16": 1e-6})
+    asked = []
+    monkeypatch.setattr(decoder, "kernels_for", lambda s, d: asked.append(s) or decoder.EAGER)
+    lm._no_grad_pass(model, enc, rt, 64)
+    assert asked[0] > decoder.COMPILE_SECONDS / decoder.COMPILE_SAVES  # slow: it would pay

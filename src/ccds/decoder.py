@@ -92,10 +92,12 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 EAGER = Kernels(_rms, _add_rms, _rope, _swiglu)
 
-# Compiling the four kernels took ~15 s on a 2-core CPU with an empty inductor cache and
-# saved about a fifth of a pass, whose eager forward ran at about 0.3 of the matmul peak
-# (benchmarks/speed_lm.py): a cost model's three numbers, not guarantees.
-COMPILE_SECONDS, COMPILE_SAVES, EAGER_SHARE = 15.0, 0.2, 0.3
+# The cost model's three numbers, from benchmarks/speed_lm.py on a 2-core AMX CPU: compiling
+# the four kernels into an empty inductor cache took 16 s and made scoring 1.2x faster (a
+# sixth of the eager time saved), whose eager forward ran at a third of the matmul peak.
+COMPILE_SECONDS, COMPILE_SAVES, EAGER_SHARE = 16.0, 0.17, 0.33
+# a pass of fewer FLOPs never pays, even on a 50 GFLOP/s CPU: no need to measure the rate
+NEVER_PAYS_BELOW = COMPILE_SECONDS / COMPILE_SAVES * EAGER_SHARE * 50e9
 
 
 def compile_setting() -> Compile:

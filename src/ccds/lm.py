@@ -87,9 +87,9 @@ def _no_grad_pass(model, enc: Encoded, runtime: Runtime, max_tokens: int | None)
     `decoder.compile_pays` for this pass's predicted eager time. Else the model's own
     forward over similar-length batches with little padding."""
     seconds = None
-    if runtime.device.type == "cpu":
+    flops = 2 * sum(p.numel() for p in model.parameters()) * int(enc.lengths.sum())
+    if runtime.device.type == "cpu" and flops > decoder.NEVER_PAYS_BELOW:
         rate = cpu_matmul_gflops()["fp32" if runtime.autocast is None else "bf16"]
-        flops = 2 * sum(p.numel() for p in model.parameters()) * int(enc.lengths.sum())
         seconds = flops / (rate * 1e9 * decoder.EAGER_SHARE)
     kernels = own_kernels(model, runtime, seconds)
     if kernels is None:
