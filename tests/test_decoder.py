@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from ccds import decoder
-from ccds.lm import _decoder_states, mean_hidden, score_sequences
+from ccds.lm import mean_hidden, score_sequences
 from ccds.models import add_lora, pick_runtime
 from ccds.tokenize import Encoded, collate, token_batches
 
-LENGTHS = [23, 23, 22, 17, 16, 9, 9, 31, 3, 1]  # unsorted: groups with pads, without, alone
+LENGTHS = [23, 23, 22, 17, 16, 9, 9, 31, 3, 1, 0]  # unsorted: groups with pads, without,
+# alone, and an empty row
 
 
 def _model(kind: str, **extra):
@@ -33,19 +34,25 @@ def _model(kind: str, **extra):
 def _batch(lengths=LENGTHS, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = [rng.integers(1, 97, n) for n in lengths]
-    enc = Encoded(ids, np.array([n - min(4, n - 1) for n in lengths]), np.zeros(len(ids), int))
+    enc = Encoded(ids, np.array([n - min(4, max(n - 1, 0)) for n in lengths]),
+                  np.zeros(len(ids), int))
     return enc, collate(enc, np.arange(len(ids)), 0)
 
 
 def _agree(model, batch, kernels=decoder.EAGER, atol=2e-5):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     with torch.no_grad():
-        ref = _decoder_states(base, batch)
+        ref = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).last_hidden_state
         got = decoder.states(base, batch, kernels)
     real = batch.attention_mask.bool()
-    assert torch.allclose(got[real], ref[real], atol=atol, rtol=1e-4), \
-        (got[real] - ref[real]).abs().max()
-    assert not got[~real].any()  # zeros at the padding
+    assert got.shape == (int(real.sum()), ref.shape[-1])  # the real tokens, row by row
+    assert torch.allclose(got, ref[real], atol=atol, rtol=1e-4), (got - ref[real]).abs().max()
+    padded = decoder.unflatten(got, batch)
+    assert torch.equal(padded[real], got) and not padded[~real].any()  # zeros at the padding
+    where = decoder.positions(batch)
+    assert (where[batch.attention_mask.reshape(-1).numpy() == 0] == -1).all()
+    assert torch.equal(got[where[where >= 0]], got)
 
 
 @pytest.mark.parametrize("kind,extra", [
@@ -83,7 +90,7 @@ def test_compiled_kernels_give_the_eager_numbers():
     """Fused by torch.compile (inductor; a C++ compiler here), the same states to fp32
     rounding, and one compiled set serves every batch shape (dynamic shapes)."""
     model = _model("llama")
-    kernels = decoder.Kernels.compiled()
+    kernels = decoder.compiled()
     for seed, lengths in enumerate([LENGTHS, [40, 38, 5], [7]]):
         _agree(model, _batch(lengths, seed)[1], kernels, atol=1e-4)
 
@@ -99,6 +106,21 @@ def test_token_batches_pack_real_tokens_longest_first():
     assert [len(b) for b in batches] == [1, 1, 3, 3]  # 300 alone; 200 alone (200+99>256)
 
 
+def test_a_batch_of_empty_rows_gives_no_states():
+    model = _model("llama")
+    _, batch = _batch([0, 0])
+    with torch.no_grad():
+        assert decoder.states(model, batch).shape == (0, 64)
+
+
+def test_a_misspelt_compile_setting_says_what_to_set(monkeypatch):
+    from ccds.errors import CcdsError
+
+    monkeypatch.setenv("CCDS_COMPILE", "true")
+    with pytest.raises(CcdsError, match="auto, on or off"):
+        decoder.compile_setting()
+
+
 def test_compile_cost_model():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not decoder.compile_pays("auto", cpu, None)  # unknown: do not pay to find out
@@ -112,7 +134,7 @@ def test_passes_take_it_and_keep_their_numbers(monkeypatch):
     """score_sequences and mean_hidden through decoder.states (packed batches) and through
     the model's own forward (length batches): the same numbers in fp32."""
     model = _model("llama")
-    enc, _ = _batch()
+    enc, _ = _batch(LENGTHS[:-1])  # transformers' forward cannot take a batch of one empty row
     rt = pick_runtime(dtype="fp32")
     fast = score_sequences(model, enc, 0, rt, max_tokens=64)
     hidden = mean_hidden(model, enc, 0, rt, max_tokens=64)

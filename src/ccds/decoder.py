@@ -11,7 +11,7 @@ kernel, and grouped K/V heads are never repeated. Adapter layers (LoRA) are call
 are, so trained models take this path too.
 
 The elementwise work between the matmuls (residual add + RMSNorm, rotary embedding,
-SwiGLU) is four small functions; `Kernels.compiled()` fuses each into one kernel with
+SwiGLU) is four small functions; `compiled()` fuses each into one kernel with
 `torch.compile`, which `compile_pays` decides per pass (compiling takes seconds, and
 inductor caches what it built on disk for the next process).
 
@@ -34,9 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .errors import CcdsError
 from .tokenize import Batch, to_device
 
-MAX_PAD = 0.1  # attention groups: rows at most this much shorter than their longest
+# attention groups: rows at most this much shorter than their longest. A looser bound pads
+# more (attention's cost grows with width²), a tighter one makes more, smaller SDPA calls
+MAX_PAD = 0.1
 Compile = Literal["auto", "on", "off"]
 
 
@@ -62,10 +65,6 @@ class Kernels(NamedTuple):
     rope: Callable  # (x [N, heads, dim], cos, sin) -> x rotated
     swiglu: Callable  # (gate, up) -> silu(gate) * up
 
-    @staticmethod
-    @cache  # one compiled set per process; inductor keeps its artefacts on disk between them
-    def compiled() -> Kernels:
-        return Kernels(*(_guarded(torch.compile(f, dynamic=True), f) for f in EAGER))
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,6 +91,13 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 EAGER = Kernels(_rms, _add_rms, _rope, _swiglu)
 
+
+@cache  # one compiled set per process; inductor keeps its artefacts on disk between them
+def compiled() -> Kernels:
+    """The four kernels under `torch.compile` (dynamic shapes: one build serves every
+    batch), each falling back to eager if compiling fails here."""
+    return Kernels(*(_guarded(torch.compile(f, dynamic=True), f) for f in EAGER))
+
 # The cost model's three numbers, from benchmarks/speed_lm.py on a 2-core AMX CPU: compiling
 # the four kernels into an empty inductor cache took 16 s and made scoring 1.2x faster (a
 # sixth of the eager time saved), whose eager forward ran at a third of the matmul peak.
@@ -103,7 +109,9 @@ NEVER_PAYS_BELOW = COMPILE_SECONDS / COMPILE_SAVES * EAGER_SHARE * 50e9
 def compile_setting() -> Compile:
     """$CCDS_COMPILE: auto (default), on or off."""
     value = os.environ.get("CCDS_COMPILE", "auto")
-    return value if value in ("on", "off") else "auto"  # type: ignore[return-value]
+    if value not in ("auto", "on", "off"):
+        raise CcdsError(f"CCDS_COMPILE is '{value}'", None, "set it to auto, on or off")
+    return value  # type: ignore[return-value]
 
 
 def compile_pays(setting: Compile, device: torch.device, seconds: float | None) -> bool:
@@ -118,10 +126,10 @@ def compile_pays(setting: Compile, device: torch.device, seconds: float | None) 
 
 def kernels_for(seconds: float | None, device: torch.device) -> Kernels:
     """The kernels for a pass predicted to take `seconds` eager (`compile_pays`)."""
-    return Kernels.compiled() if compile_pays(compile_setting(), device, seconds) else EAGER
+    return compiled() if compile_pays(compile_setting(), device, seconds) else EAGER
 
 
-def _guarded(compiled: Callable, eager: Callable) -> Callable:
+def _guarded(fast: Callable, eager: Callable) -> Callable:
     """`compiled`, or `eager` from its first failure on (no C++ compiler or Triton here,
     an unsupported op): one warning, and the pass goes on with the same numbers to rounding."""
     failed: list[BaseException] = []
@@ -129,7 +137,9 @@ def _guarded(compiled: Callable, eager: Callable) -> Callable:
     def run(*args):
         if not failed:
             try:
-                return compiled(*args)
+                return fast(*args)
+            except (torch.OutOfMemoryError, MemoryError):
+                raise  # the batch is too large, compiled or not
             except Exception as e:  # noqa: BLE001 - any compile failure means: run eager
                 failed.append(e)
                 warnings.warn(f"torch.compile failed ({str(e).splitlines()[0][:200]}); "
@@ -166,7 +176,9 @@ def _layout(lengths: np.ndarray, device) -> tuple[list[_Group], np.ndarray]:
             end += 1
         span = (int(starts[r]), int(starts[end]))
         ls = lengths[r:end]
-        if (ls == width).all():
+        if width == 0:  # empty rows: nothing to attend
+            pass
+        elif (ls == width).all():
             groups.append(_Group(end - r, width, None, None, span))
         else:
             cols = np.arange(width)
@@ -181,16 +193,18 @@ def _layout(lengths: np.ndarray, device) -> tuple[list[_Group], np.ndarray]:
 
 
 def states(base, batch: Batch, kernels: Kernels = EAGER) -> torch.Tensor:
-    """The decoder's last hidden states, [B, W, d] like `base.get_decoder()(...)`'s for the
-    left-padded `batch` (zeros at the padding), computed on the real tokens only.
-    Differentiable; with the model's gradient checkpointing on, each layer is recomputed
-    in the backward as transformers would."""
+    """The decoder's last hidden states at the real tokens of the left-padded `batch`, row
+    by row: [N, d] (`unflatten` gives transformers' [B, W, d] layout, `positions` maps
+    into it). Differentiable; with the model's gradient checkpointing on, each layer is
+    recomputed in the backward as transformers would."""
     decoder = base.get_decoder()
     device = batch.input_ids.device
     lengths = np.asarray(batch.lengths, dtype=np.int64)
-    at = to_device(torch.from_numpy(_real_positions(batch)), device)
+    at = to_device(torch.from_numpy(real_positions(batch)), device)
     groups, position = _layout(lengths, device)
     x = decoder.embed_tokens(batch.input_ids.reshape(-1).index_select(0, at))
+    if not len(x):
+        return x
     cos, sin = decoder.rotary_emb(x[None], to_device(torch.from_numpy(position), device)[None])
     rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [N, 1, head_dim]
     layers = list(decoder.layers)
@@ -204,10 +218,10 @@ def states(base, batch: Batch, kernels: Kernels = EAGER) -> torch.Tensor:
         recompute = (torch.is_grad_enabled() and layer.training
                      and getattr(layer, "gradient_checkpointing", False))
         x, h = checkpoint(step, x, h, use_reentrant=False) if recompute else step(x, h)
-    return unflatten(h, batch)
+    return h
 
 
-def _real_positions(batch: Batch) -> np.ndarray:
+def real_positions(batch: Batch) -> np.ndarray:
     """Flat [B·W] positions of the real tokens, row by row: row r's are its last
     lengths[r] columns (left padding)."""
     width = batch.input_ids.shape[1]
@@ -215,12 +229,22 @@ def _real_positions(batch: Batch) -> np.ndarray:
                            for r, n in enumerate(np.asarray(batch.lengths, dtype=np.int64))])
 
 
+def positions(batch: Batch) -> np.ndarray:
+    """[B·W]: for each position of the batch's left-padded layout, its row in `states`'s
+    output (-1 at the padding). Host-side: indexing by it never reads the device."""
+    where = np.full(batch.input_ids.numel(), -1, dtype=np.int64)
+    real = real_positions(batch)
+    where[real] = np.arange(len(real))
+    return where
+
+
 def unflatten(t: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """[N, ...] per real token (the flat layout `states` computes in) -> [B, W, ...] in the
-    batch's left-padded layout, zeros at the padding."""
+    """[N, ...] per real token (`states`'s layout) -> [B, W, ...], the batch's left-padded
+    layout, zeros at the padding. Costs B·W rows: for batches of similar lengths (LESS's
+    hooks), not for packed ones."""
     rows, width = batch.input_ids.shape
-    at = to_device(torch.from_numpy(_real_positions(batch)), t.device)
-    out = t.new_zeros(rows * width, *t.shape[1:]).index_copy(0, at, t)
+    at = to_device(torch.from_numpy(real_positions(batch)), t.device)
+    out = t.new_zeros(rows * width, *t.shape[1:]).index_copy_(0, at, t)
     return out.view(rows, width, *t.shape[1:])
 
 
@@ -238,9 +262,11 @@ def _layer(layer, after, x: torch.Tensor, h: torch.Tensor, *, rope, groups: list
 
 
 def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each module's output for `x`: plain Linear layers as one matmul over their
-    concatenated weights, anything else (LoRA layers) called as it is."""
-    if all(type(m) is torch.nn.Linear for m in mods):
+    """Each module's output for `x`: frozen plain Linear layers as one matmul over their
+    concatenated weights, anything else (LoRA layers, trained weights) called as it is."""
+    # fused only for frozen weights: under grad the concatenated copy is kept for the
+    # backward (full fine-tuning would hold a second copy of every q/k/v weight)
+    if all(type(m) is torch.nn.Linear and not m.weight.requires_grad for m in mods):
         biases = [m.bias for m in mods]
         if all(b is not None for b in biases) or all(b is None for b in biases):
             w = torch.cat([m.weight for m in mods])
@@ -251,6 +277,8 @@ def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
                kernels: Kernels) -> torch.Tensor:
+    """Self-attention of the flat tokens `h`, group by group (`_layout`), through the
+    layer's own projections."""
     n, dim = len(h), attn.head_dim
     q, k, v = _project([attn.q_proj, attn.k_proj, attn.v_proj], h)
     q = kernels.rope(q.view(n, -1, dim), *rope)

@@ -376,20 +376,22 @@ class Meter:
         if self._sample.done and (not self._on or self._pop()):
             self._finish()
 
-    def _record(self, batch, suffix: bool, head: bool = True) -> Work:
+    def _record(self, batch, suffix: bool, head: bool = True, packed: bool = False) -> Work:
         lengths = batch.lengths.tolist()  # the host's copies: no wait on the device
         heads = int(batch.response.sum()) - (0 if suffix else int(batch.suffix.sum()))
         heads *= head
         w = Work()
-        w.add(lengths, heads, int(batch.attention_mask.numel()))
+        w.add(lengths, heads, batch.real_tokens if packed else int(batch.attention_mask.numel()))
         self.work.add(lengths, w.head_tokens, w.padded_tokens)
         return w
 
-    def forward(self, batch, suffix: bool = False, head: bool = True) -> None:
+    def forward(self, batch, suffix: bool = False, head: bool = True,
+                packed: bool = False) -> None:
         """A no-grad pass scoring the response (its end-of-turn suffix too if `suffix`);
-        `head=False`: hidden states only, no LM head."""
+        `head=False`: hidden states only, no LM head; `packed`: run on the real tokens only
+        (`decoder.states`), so none of the padding ran."""
         assert self.params is not None
-        w = self._record(batch, suffix, head)
+        w = self._record(batch, suffix, head, packed)
         flops = forward_flops(self.params, w)
         self.stage.analytic_flops += flops
         self.stage.paper_flops += paper_flops(self.params, w.tokens, training=False)

@@ -35,14 +35,13 @@ def response_logprobs(model, batch: Batch, suffix: bool = False,
     rows, width = batch.input_ids.shape
     device = batch.input_ids.device
     # position p of row r predicts token p + 1: flat column c of [B, k] is p = width - k - 1 + c
-    at = (flat // k) * width + (width - k - 1) + flat % k
-    at, flat = to_device(at, device), to_device(flat, device)
+    where = (flat // k) * width + (width - k - 1) + flat % k
+    at, flat = to_device(where, device), to_device(flat, device)
     targets = batch.input_ids.reshape(-1).index_select(0, at + 1)
     mask = torch.zeros(rows * k, dtype=torch.bool, device=device).index_fill_(0, flat, True)
     base = plain_head(model)
-    if base is not None:  # one gather of the scored positions, no copy of the other states
-        hidden = _decoder_states(base, batch, kernels)
-        hidden = hidden.reshape(rows * width, -1).index_select(0, at)
+    if base is not None:  # the head at the scored positions only
+        hidden = _decoder_states(base, batch, kernels, where)
         values = _token_logprobs(base.get_output_embeddings(), hidden, targets)
     else:  # the model's own forward, logits at the k positions before the last token
         keep = torch.arange(width - k - 1, width - 1, device=device)
@@ -66,37 +65,47 @@ def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _decoder_states(base, batch: Batch, kernels: decoder.Kernels | None = None
-                    ) -> torch.Tensor:
-    """[B, W, d]: `decoder.states` with `kernels`, else (None) the model's own forward."""
+def _decoder_states(base, batch: Batch, kernels: decoder.Kernels | None,
+                    at: np.ndarray) -> torch.Tensor:
+    """[len(at), d]: the decoder's last hidden states at `at`, positions in the batch's
+    flat [B·W] left-padded layout (real tokens only), through `decoder.states` with
+    `kernels`, else (None) the model's own forward; one gather, no copy of the rest."""
     if kernels is not None:
-        return decoder.states(base, batch, kernels)
-    return base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = decoder.states(base, batch, kernels)
+        at = decoder.positions(batch)[at]
+    else:
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden.index_select(0, to_device(torch.from_numpy(at), hidden.device))
 
 
 class _Pass(NamedTuple):
+    """A no-grad pass's plan: its batches (index arrays into the Encoded) and forward."""
+
     batches: list[np.ndarray]
     kernels: decoder.Kernels | None  # None: the model's own forward
 
 
 def _no_grad_pass(model, enc: Encoded, runtime: Runtime, max_tokens: int | None) -> _Pass:
     """How a no-grad pass over `enc` runs. Where `decoder.states` serves the model: batches
-    packed by real tokens (padding is free there; on a CPU 4,096 of them, which kept the
-    elementwise work in cache better than 8,192), its kernels compiled when
-    `decoder.compile_pays` for this pass's predicted eager time. Else the model's own
+    packed by real tokens (padding is free there; on a CPU half the usual default, so the
+    elementwise work stays nearer the caches: benchmarks/speed_lm.py), its kernels compiled
+    when `decoder.compile_pays` for this pass's predicted eager time. Else the model's own
     forward over similar-length batches with little padding."""
-    seconds = None
-    flops = 2 * sum(p.numel() for p in model.parameters()) * int(enc.lengths.sum())
-    if runtime.device.type == "cpu" and flops > decoder.NEVER_PAYS_BELOW:
-        rate = cpu_matmul_gflops()["fp32" if runtime.autocast is None else "bf16"]
-        seconds = flops / (rate * 1e9 * decoder.EAGER_SHARE)
-    kernels = own_kernels(model, runtime, seconds)
-    if kernels is None:
+    base = plain_head(model)
+    if base is None or not decoder.supports(base):
         return _Pass(length_batches(enc.lengths, max_tokens or batch_budget(model, runtime)),
                      None)
+    seconds = None
+    flops = 2 * sum(p.numel() for p in model.parameters()) * int(enc.lengths.sum())
+    if (decoder.compile_setting() == "auto" and runtime.device.type == "cpu"
+            and flops > decoder.NEVER_PAYS_BELOW):
+        rate = cpu_matmul_gflops()["fp32" if runtime.autocast is None else "bf16"]
+        seconds = flops / (rate * 1e9 * decoder.EAGER_SHARE)
     budget = max_tokens or batch_budget(model, runtime, default=4096)
-    return _Pass(token_batches(enc.lengths, budget), kernels)
+    return _Pass(token_batches(enc.lengths, budget), own_kernels(model, runtime, seconds))
 
 
 def own_kernels(model, runtime: Runtime, seconds: float | None = None
@@ -142,7 +151,7 @@ def score_sequences(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
         nll[index], prob[index] = stats
         count[index] = np.maximum(batch.response - batch.suffix, 0)  # mask.sum(1)
         if meter is not None:
-            meter.forward(batch, suffix=False)
+            meter.forward(batch, suffix=False, packed=run.kernels is not None)
     return {"nll_sum": nll, "prob_sum": prob, "n_tokens": count}
 
 
@@ -161,11 +170,14 @@ def mean_hidden(model, enc: Encoded, pad_id: int, runtime: Runtime, *,
     for index in track(run.batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
-            h = _decoder_states(base, batch, run.kernels)
-        m = batch.attention_mask.unsqueeze(-1).to(h.dtype)
-        out[index] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy()
+            h = _decoder_states(base, batch, run.kernels, decoder.real_positions(batch))
+        rows = to_device(torch.from_numpy(np.repeat(np.arange(len(index)), batch.lengths)),
+                         h.device)
+        sums = h.new_zeros(len(index), h.shape[1], dtype=torch.float32).index_add_(
+            0, rows, h.float())
+        out[index] = (sums.cpu().numpy() / np.maximum(batch.lengths, 1)[:, None])
         if meter is not None:
-            meter.forward(batch, head=False)
+            meter.forward(batch, head=False, packed=run.kernels is not None)
     return out
 
 
@@ -186,12 +198,12 @@ def option_logprobs(model, enc: Encoded, candidates: list[np.ndarray], pad_id: i
     for index in track(run.batches, progress):
         batch = collate(enc, index, pad_id).to(runtime.device)
         with runtime.amp():
-            hidden = _decoder_states(base, batch, run.kernels)
-            col = hidden.shape[1] - 2 - batch.n_suffix  # predicts the one scored token
-            h = hidden[torch.arange(len(index), device=hidden.device), col]
+            width = batch.input_ids.shape[1]  # each row's position predicting its one token
+            at = np.arange(len(index)) * width + width - 2 - batch.suffix
+            h = _decoder_states(base, batch, run.kernels, at)
             logp = F.log_softmax(base.get_output_embeddings()(h).float(), dim=-1).cpu()
         for b, i in enumerate(index):
             out[i] = logp[b, torch.as_tensor(candidates[i])].double().numpy()
         if meter is not None:
-            meter.forward(batch, suffix=False)
+            meter.forward(batch, suffix=False, packed=run.kernels is not None)
     return out

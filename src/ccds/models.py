@@ -483,7 +483,7 @@ class ModelShape(NamedTuple):
 
         Forward only: one layer's transients (≤ 8·d_model + 3·d_ff per token: norms, q/k/v,
         attention's output, the gated MLP; through `decoder.states`, `own_forward`, the
-        larger of 9·d_model and 5·d_model + 2·d_ff, its SwiGLU running in place) or, after
+        larger of 10·d_model and 6·d_model + 2·d_ff, its SwiGLU running in place) or, after
         the body, the final states (≤ 3·d_model)
         with the head, which runs `HEAD_ROWS` scored positions at a time (logits and fp32
         log-softmax, 8 bytes per vocabulary entry): a fixed chunk, not a cost per token.
@@ -497,7 +497,7 @@ class ModelShape(NamedTuple):
         projection (`lm.plain_head`) gives logits for every kept position at once."""
         d, ff, v = self.d_model, self.d_ff, self.vocab
         if not backward:
-            width = max(9 * d, 5 * d + 2 * ff) if own_forward else 8 * d + 3 * ff
+            width = max(10 * d, 6 * d + 2 * ff) if own_forward else 8 * d + 3 * ff
             body = tokens * width * act_bytes
             if not plain_head:
                 return body + tokens * (act_bytes + 8) * v
