@@ -192,7 +192,7 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
-    for name in ("memory", "scaling", "projection", "elementwise"):
+    for name in ("memory", "scaling", "projection", "elementwise", "own_forward"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
