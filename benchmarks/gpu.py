@@ -143,7 +143,7 @@ import torch  # noqa: E402
 from ccds.data.types import Example  # noqa: E402
 from ccds.flops import (  # noqa: E402
     DEVICE_PEAK_FLOPS,
-    GPU_SAMPLED_BATCHES,
+    SAMPLED_BATCHES,
     Meter,
     Stage,
     device_of,
@@ -377,7 +377,7 @@ class Bench:
 
     def score_metered(self, enc: Encoded) -> Stage:
         """Scoring metered as ccds meters by default (op by op on a stage's first
-        GPU_SAMPLED_BATCHES batches, then not at all off the CPU): its cost on this device."""
+        SAMPLED_BATCHES batches, then not at all): its cost on this device."""
         return self.score(enc, measure=True)
 
     def prepare(self, stage: str) -> None:
@@ -706,8 +706,7 @@ def markdown(res: dict) -> str:
     for name, m in res["models"].items():
         plain, metered = m["stages"].get("score", {}), m["stages"].get("score_metered", {})
         if plain.get("tokens_per_s") and metered.get("tokens_per_s"):
-            how = ("every op, as on any CPU" if res["smoke"] else
-                   f"op by op on a stage's first {GPU_SAMPLED_BATCHES} batches, as off the CPU")
+            how = f"op by op on a stage's first {SAMPLED_BATCHES} batches"
             lines += ["", f"Metering FLOPs as ccds does by default ({how}) while scoring "
                       f"{name} runs at "
                       f"{metered['tokens_per_s'] / plain['tokens_per_s']:.0%} of the "

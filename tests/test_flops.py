@@ -192,20 +192,28 @@ def test_generation_sees_the_window(family, kw):
     assert abs(analytic / c.total - 1) < 0.05
 
 
+def _or_all(sample: int | None):
+    """A meter's sample: `sample` batches, or every one (None)."""
+    from ccds.flops import Sample
+
+    return Sample(None) if sample is None else sample
+
+
 def test_sampled_metering_counts_the_first_batches_then_lets_go(tiny):
-    """Issue 22, defect 6: off the CPU a stage counts op by op only on its first batches
-    (the hook on every op would cost throughput and block CUDA graphs), then no dispatch
-    mode is left on the stack; the measured total is the sample scaled by the analytic
-    count and agrees with a full count. A CPU meter still counts everything."""
+    """Issue 22, defect 6: a stage counts op by op only on its first batches (the hook on
+    every op costs throughput and blocks CUDA graphs), then no dispatch mode is left on
+    the stack; the measured total is the sample scaled by the analytic count and agrees
+    with a full count (`Sample(None)`). The default sample is the same on every device."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    from ccds.flops import GPU_SAMPLED_BATCHES
+    from ccds.flops import SAMPLED_BATCHES
 
     model, tok, _ = tiny
     batches = [_batch(tok, n=2 + i % 3, words=10 + 7 * i) for i in range(6)]
     modes, stages = [], {}
     for sample in (None, 2):
-        with Meter("fwd", "selection", param_counts(model), sample=sample) as m, \
+        with Meter("fwd", "selection", param_counts(model),
+                   sample=_or_all(sample)) as m, \
                 torch.no_grad():
             for b in batches:
                 modes.append((sample, _get_current_dispatch_mode()))
@@ -222,7 +230,7 @@ def test_sampled_metering_counts_the_first_batches_then_lets_go(tiny):
     assert abs(sampled.measured_flops / full.measured_flops - 1) < 0.05
     assert "measured_on" not in full.detail
     gpu = Meter("x", "selection", device=torch.device("cuda"))
-    assert gpu.sample == GPU_SAMPLED_BATCHES and Meter("x", "selection").sample is None
+    assert gpu.sample == SAMPLED_BATCHES == Meter("x", "selection").sample
 
 
 def test_sampled_metering_with_nested_meters_and_replayed_steps(tiny):
@@ -234,11 +242,11 @@ def test_sampled_metering_with_nested_meters_and_replayed_steps(tiny):
     batches = [_batch(tok, n=2 + i % 3, words=10 + 7 * i) for i in range(6)]
     totals = {}
     for sample in (None, 2):
-        with Meter("select", "selection", param_counts(model), sample=sample) as outer, \
+        with Meter("select", "selection", param_counts(model), sample=_or_all(sample)) as outer, \
                 torch.no_grad():
             for b in batches[:2]:  # already done before a restart: charged, not run
                 outer.lora_step(b, ran=False)
-            with Meter("inner", "training", param_counts(model), sample=sample) as inner:
+            with Meter("inner", "training", param_counts(model), sample=_or_all(sample)) as inner:
                 for b in batches:
                     response_nll(model, b)
                     inner.forward(b)
@@ -286,14 +294,15 @@ def test_nested_meter_takes_the_outer_counter_off_the_stack(tiny, monkeypatch, m
 
     def run(outer_sample, inner_sample):
         seen = {}
-        with Meter("outer", "selection", param_counts(model), sample=outer_sample) as outer, \
+        with Meter("outer", "selection", param_counts(model),
+                   sample=_or_all(outer_sample)) as outer, \
                 torch.no_grad():
             response_nll(model, batches[0])
             outer.forward(batches[0])
             seen["outer"] = outer._counter
             before = calls.get(outer._counter)
             with Meter("inner", "training", param_counts(model), measure,
-                       sample=inner_sample) as inner:
+                       sample=_or_all(inner_sample)) as inner:
                 seen["inner"] = _counters()
                 seen["stacks"] = []
                 for b in batches:
@@ -337,7 +346,7 @@ def test_nested_meters_on_cuda_keep_the_outer_peak_and_device(monkeypatch):
     """CUDA has one peak-memory counter per device: the inner meter resets it, so the outer
     lost its peak from before the inner. A meter with no device runs on the outer's (S2L's
     proxy passes: sampled like the rest of a GPU stage, not counted op by op throughout)."""
-    from ccds.flops import GPU_SAMPLED_BATCHES
+    from ccds.flops import SAMPLED_BATCHES
 
     mem = {"now": 0, "peak": 0}
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
@@ -353,7 +362,7 @@ def test_nested_meters_on_cuda_keep_the_outer_peak_and_device(monkeypatch):
         use(5 << 20)
         use(1 << 20)
         with Meter("inner", "selection", measure=False) as inner:
-            assert inner.device == cuda and inner.sample == GPU_SAMPLED_BATCHES
+            assert inner.device == cuda and inner.sample == SAMPLED_BATCHES
             use(3 << 20)
             with Meter("innermost", "selection", device=cuda) as innermost:
                 use(2 << 20)

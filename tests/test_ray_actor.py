@@ -15,7 +15,7 @@ pytest.importorskip("ray")
 from ccds import models  # noqa: E402
 from ccds.data.synth import generate  # noqa: E402
 from ccds.errors import CcdsError  # noqa: E402
-from ccds.flops import GPU_SAMPLED_BATCHES, FlopCounter, Meter, Sample  # noqa: E402
+from ccds.flops import SAMPLED_BATCHES, FlopCounter, Meter, Sample  # noqa: E402
 from ccds.models import causal_lm, pick_runtime  # noqa: E402
 from ccds.score import on_ray  # noqa: E402
 from ccds.score.base import Pass  # noqa: E402
@@ -55,7 +55,7 @@ def test_workers_resolve_auto_on_their_own_device(monkeypatch, one_thread):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 0)
     actor = on_ray._Actor(_Rows(), on_ray._asked(driver), True, 1)
     assert (actor.runtime.device.type, actor.runtime.dtype_name) == ("cuda", "bf16")
-    assert actor.sample.size == GPU_SAMPLED_BATCHES
+    assert actor.sample.size == SAMPLED_BATCHES
     out = actor(_batch(generate(seed=0, n_pool=3)[0]))
     assert out["dtype"].tolist() == ["bf16"] * 3  # what the driver records and compares
     forced = on_ray._Actor(_Rows(), on_ray._asked(pick_runtime(dtype="fp32")), True, 1)

@@ -14,10 +14,10 @@ Two analytic conventions are kept side by side:
   parameters (active ones for a mixture-of-experts): 2·N·T to score, 6·N·T to train (LoRA
   or not), no attention term.
 Measured counts come from torch's FLOP formulas (those of FlopCounterMode) applied to every op
-that actually ran: on the CPU all of them; on a GPU those of a stage's first
-`GPU_SAMPLED_BATCHES` batches, scaled to the stage by the analytic count (a Python hook on
-every op would cost throughput and keep CUDA graphs from being captured; the stage's detail
-says what was counted). torch has no formula for the fused CPU attention kernel nor for the
+that actually ran in a stage's first `SAMPLED_BATCHES` batches, scaled to the stage by the
+analytic count: a Python hook on every op costs throughput wherever matmuls are fast (a
+fifth of a LoRA step on an AMX CPU: benchmarks/speed_lm.py) and keeps CUDA graphs from
+being captured. The stage's detail says what was counted; `Sample(None)` counts everything. torch has no formula for the fused CPU attention kernel nor for the
 grouped matmul transformers runs a mixture-of-experts with (both count 0), so ccds registers
 them below.
 """
@@ -77,7 +77,7 @@ def _register_grouped_mm() -> None:
 _register_grouped_mm()
 
 
-GPU_SAMPLED_BATCHES = 8  # batches a stage counts op by op off the CPU (Meter)
+SAMPLED_BATCHES = 8  # batches a stage counts op by op (Meter), then charges at their ratio
 _METERS: ContextVar[tuple[Meter, ...]] = ContextVar("ccds_meters", default=())  # innermost last
 
 
@@ -121,12 +121,12 @@ class Sample:
         return self.flops / self.analytic if self.analytic else 1.0
 
 
-def sampling(sample: int | Sample | None, device: torch.device) -> Sample:
-    """The Sample a meter on `device` keeps: the one given, or a new one of `sample` batches
-    (None: every batch on the CPU, the first GPU_SAMPLED_BATCHES elsewhere)."""
+def sampling(sample: int | Sample | None) -> Sample:
+    """The Sample a meter keeps: the one given, or a new one of `sample` batches (None: the
+    first SAMPLED_BATCHES)."""
     if isinstance(sample, Sample):
         return sample
-    return Sample(GPU_SAMPLED_BATCHES if sample is None and device.type != "cpu" else sample)
+    return Sample(SAMPLED_BATCHES if sample is None else sample)
 
 
 # -- analytic formulas --------------------------------------------------------------------
@@ -280,10 +280,9 @@ class Meter:
         self.measure = measure
         self._device_given = device is not None
         self.device = device or torch.device("cpu")
-        # off the CPU, FlopCounter's Python hook on every op costs throughput and keeps
-        # graphs from being captured: count the first batches, then let go of every op
-        self._sample_arg = sample
-        self._sample = sampling(sample, self.device)
+        # FlopCounter's Python hook on every op costs throughput and keeps graphs from
+        # being captured: count the first batches, then let go of every op
+        self._sample = sampling(sample)
         self.work = Work()
         self._counted = 0.0
         self._all = [0.0, 0]  # reported batches: analytic FLOPs, number
@@ -305,7 +304,6 @@ class Meter:
         around = stack[-1] if stack else None
         if around is not None and not self._device_given:
             self.device = around.device
-            self._sample = sampling(self._sample_arg, self.device)
         self._outer = around if around is not None and around._counts else None
         self._counts = self.measure or self._outer is not None
         self._token = _METERS.set((*stack, self))

@@ -59,7 +59,7 @@ class _Actor:
         self.runtime = pick_runtime(dtype=dtype)  # "auto" resolves on this worker's device
         self.p, self.measure = p, measure
         # one sample for the actor's life: its first batches, not every shard's
-        self.sample = sampling(None, self.runtime.device)
+        self.sample = sampling(None)
         p.setup(self.runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
