@@ -224,9 +224,11 @@ def states(base, batch: Batch, kernels: Kernels = EAGER) -> torch.Tensor:
 def real_positions(batch: Batch) -> np.ndarray:
     """Flat [B·W] positions of the real tokens, row by row: row r's are its last
     lengths[r] columns (left padding)."""
+    lengths = np.asarray(batch.lengths, dtype=np.int64)
     width = batch.input_ids.shape[1]
-    return np.concatenate([r * width + np.arange(width - n, width)
-                           for r, n in enumerate(np.asarray(batch.lengths, dtype=np.int64))])
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    first = rows * width + width - lengths[rows]  # each token's row's first real column
+    return first + np.arange(len(rows)) - (np.cumsum(lengths) - lengths)[rows]
 
 
 def positions(batch: Batch) -> np.ndarray:
@@ -238,12 +240,13 @@ def positions(batch: Batch) -> np.ndarray:
     return where
 
 
-def unflatten(t: torch.Tensor, batch: Batch) -> torch.Tensor:
+def unflatten(t: torch.Tensor, batch: Batch, at: torch.Tensor | None = None) -> torch.Tensor:
     """[N, ...] per real token (`states`'s layout) -> [B, W, ...], the batch's left-padded
-    layout, zeros at the padding. Costs B·W rows: for batches of similar lengths (LESS's
-    hooks), not for packed ones."""
+    layout, zeros at the padding; `at`: `real_positions` on t's device, if already there.
+    Costs B·W rows: for batches of similar lengths (LESS's hooks), not for packed ones."""
     rows, width = batch.input_ids.shape
-    at = to_device(torch.from_numpy(real_positions(batch)), t.device)
+    if at is None:
+        at = to_device(torch.from_numpy(real_positions(batch)), t.device)
     out = t.new_zeros(rows * width, *t.shape[1:]).index_copy_(0, at, t)
     return out.view(rows, width, *t.shape[1:])
 

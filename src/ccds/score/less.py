@@ -42,7 +42,7 @@ from ..models import (
     param_counts,
     resolve,
 )
-from ..tokenize import Encoded, collate, encode, length_batches
+from ..tokenize import Encoded, collate, encode, length_batches, to_device
 from ..train import TrainConfig, train
 from .backend import map_pool
 from .base import (
@@ -293,13 +293,13 @@ def per_example_grads(model, batch, names: list[str], runtime,
     (through `decoder.states` with `kernels`, whose layers see the batch's real tokens as
     one [N, ·] matrix, else through the model's own forward)."""
     modules = dict(model.named_modules())
-    captured: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name):
-        def fwd(mod, inputs, output):
-            captured[name] = [inputs[0].detach()]
-            output.register_hook(lambda g: captured[name].append(g.detach()))
+        def fwd(mod, args, output):
+            inputs[name], outputs[name] = args[0].detach(), output
         return fwd
 
     for n in names:
@@ -310,17 +310,22 @@ def per_example_grads(model, batch, names: list[str], runtime,
         with runtime.amp():
             nll, count = response_nll(model, batch, suffix=True, kernels=kernels)
             loss = (nll / count.clamp(min=1)).sum()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        # the gradients of the adapters' outputs only: no weight gradient of the whole
+        # batch, which the per-example ones below replace, is ever computed
+        grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
         model.train(was_training)
     finally:
         for h in handles:
             h.remove()
+    at = None
     parts = []
-    for n in names:
-        x, g = captured[n]
+    for n, g in zip(names, grads):
+        x = inputs[n]
+        g = torch.zeros_like(outputs[n]) if g is None else g
         if x.dim() == 2:  # per real token: back to [B, W, ·], zeros at the padding
-            x, g = decoder.unflatten(x, batch), decoder.unflatten(g, batch)
+            if at is None:
+                at = to_device(torch.from_numpy(decoder.real_positions(batch)), x.device)
+            x, g = decoder.unflatten(x, batch, at), decoder.unflatten(g, batch, at)
         parts.append(torch.einsum("bto,bti->boi", g.float(), x.float()).flatten(1))
     return torch.cat(parts, dim=1)
 
