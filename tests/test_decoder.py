@@ -67,16 +67,39 @@ def test_same_states_as_the_models_own_forward(kind, extra):
     _agree(model, _batch()[1])
 
 
-def test_lora_layers_are_called_as_they_are():
+def _lora(model, dropout: float = 0.0, targets=("q_proj", "v_proj", "gate_proj")):
     class Lora:
-        lora_r, lora_alpha, lora_dropout, seed = 4, 8, 0.0, 0
-        target_modules = ["q_proj", "v_proj", "gate_proj"]
+        lora_r, lora_alpha, lora_dropout, seed = 4, 8, dropout, 0
+        target_modules = list(targets)
 
-    model = add_lora(_model("llama"), Lora())
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # a trained adapter: B is no longer zero
-            p.data.normal_(0, 0.2)
-    _agree(model.eval(), _batch()[1])
+    model = add_lora(model, Lora())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter: B is no longer zero
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_lora_layers_give_peft_numbers():
+    """Adapters computed beside their base (q and v adapted, k not: one A matmul for two
+    adapters; gate alone) give peft's numbers; dropout, when training, is drawn (over the
+    real tokens only, so not peft's masks over the padded batch); a layer with a hook
+    (LESS's capture) is called as it is."""
+    _agree(_lora(_model("llama")).eval(), _batch()[1])
+    model = _lora(_model("llama"), dropout=0.3).train()
+    _, batch = _batch()
+    base = model.get_base_model()
+    with torch.no_grad():
+        drawn = [torch.manual_seed(1) and decoder.states(base, batch) for _ in range(2)]
+        assert torch.equal(*drawn)
+        assert not torch.allclose(drawn[0], decoder.states(base.eval(), batch), atol=1e-3)
+    model.eval()
+    seen = []
+    a = base.model.layers[1].self_attn.v_proj.lora_A["default"]
+    handle = a.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    _agree(model, batch)
+    handle.remove()
+    assert len(seen) == 2  # the reference forward and decoder.states
 
 
 def test_models_it_does_not_serve_run_their_own_forward():
@@ -151,11 +174,7 @@ def test_training_gradients_equal_the_models_own(recompute, monkeypatch):
     checkpointing: each layer recomputed in the backward) and through its own forward."""
     from ccds.lm import response_nll
 
-    class Lora:
-        lora_r, lora_alpha, lora_dropout, seed = 4, 8, 0.0, 0
-        target_modules = ["q_proj", "k_proj", "o_proj", "down_proj"]
-
-    model = add_lora(_model("llama"), Lora()).train()
+    model = _lora(_model("llama"), targets=["q_proj", "k_proj", "o_proj", "down_proj"]).train()
     if recompute:
         model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
     _, batch = _batch()

@@ -7,8 +7,9 @@ attention, five kernels per norm) dominate. Here a batch's real tokens are one [
 matrix through every linear layer (no padding, so batches are packed by real tokens
 whatever their lengths), q/k/v are one matmul, SwiGLU runs in place, and attention runs
 causally on groups of similar-length rows padded on the right: no mask, so the fused
-kernel, and grouped K/V heads are never repeated. Adapter layers (LoRA) are called as they
-are, so trained models take this path too.
+kernel, and grouped K/V heads are never repeated. LoRA adapters run beside their frozen
+base (A's of q/k/v fused, each B added by the matmul itself), so trained models take this
+path too.
 
 The elementwise work between the matmuls (residual add + RMSNorm, rotary embedding,
 SwiGLU) is four small functions; `compiled()` fuses each into one kernel with
@@ -260,22 +261,85 @@ def _layer(layer, after, x: torch.Tensor, h: torch.Tensor, *, rope, groups: list
     x, h = kernels.add_rms(x, a, norm.weight, norm.variance_epsilon)
     # gate and up as two matmuls: one over concatenated weights would hold [N, 2·d_ff]
     # and the weights' copy at the peak, for little speed at these row counts
-    m = layer.mlp.down_proj(kernels.swiglu(layer.mlp.gate_proj(h), layer.mlp.up_proj(h)))
+    mlp = layer.mlp
+    m = _linear(mlp.down_proj, kernels.swiglu(_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)))
     return kernels.add_rms(x, m, after.weight, after.variance_epsilon)
 
 
+class _Lora(NamedTuple):
+    """A linear layer as `_project` computes it: its frozen base, and its one adapter's
+    (A [r, in], B [out, r], scaling, dropout), or no adapter."""
+
+    base: torch.nn.Linear
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    scale: float = 1.0
+    dropout: Callable | None = None
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _parts(m: torch.nn.Module) -> _Lora | None:
+    """`m` as base + adapter where computing it so gives its own output: a plain Linear, or
+    a peft LoRA Linear with one plain active adapter, unmerged. None for anything else and
+    for layers with hooks (LESS captures through them), which are called as they are."""
+    if _hooked(m):
+        return None
+    if type(m) is torch.nn.Linear:
+        return _Lora(m)
+    lora_a, lora_b = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+    if (lora_a is None or type(m).__name__ != "Linear" or getattr(m, "merged", True)
+            or m.disable_adapters or len(m.active_adapters) != 1):
+        return None
+    (name,) = m.active_adapters
+    if name not in lora_a or name in m.lora_variant or type(m.base_layer) is not torch.nn.Linear:
+        return None
+    a, b, drop = lora_a[name], lora_b[name], m.lora_dropout[name]
+    if any(map(_hooked, (m.base_layer, a, b))) or b.bias is not None:
+        return None
+    dropout = drop if drop.training and getattr(drop, "p", 0) > 0 else None
+    return _Lora(m.base_layer, a.weight, b.weight, m.scaling[name], dropout)
+
+
 def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each module's output for `x`: frozen plain Linear layers as one matmul over their
-    concatenated weights, anything else (LoRA layers, trained weights) called as it is."""
+    """Each module's output for `x` [N, in]. Frozen bases run as one matmul over their
+    concatenated weights, LoRA adapters' A as one matmul over theirs (unless dropout draws a
+    mask per adapter), and each B is added into its output by the matmul itself (addmm,
+    scaling folded into B): no fp32 copy of x, no separate scale and add, as peft's layer
+    would run them. Anything else (other adapters, hooks, trained bases) is called as it
+    is."""
+    parts = [_parts(m) for m in mods]
+    if any(p is None for p in parts):
+        return [m(x) for m in mods]
+    bases = [p.base for p in parts]
+    biases = [m.bias for m in bases]
     # fused only for frozen weights: under grad the concatenated copy is kept for the
     # backward (full fine-tuning would hold a second copy of every q/k/v weight)
-    if all(type(m) is torch.nn.Linear and not m.weight.requires_grad for m in mods):
-        biases = [m.bias for m in mods]
-        if all(b is not None for b in biases) or all(b is None for b in biases):
-            w = torch.cat([m.weight for m in mods])
-            b = torch.cat(biases) if biases[0] is not None else None
-            return list(F.linear(x, w, b).split([m.out_features for m in mods], -1))
-    return [m(x) for m in mods]
+    if len(bases) > 1 and not any(m.weight.requires_grad for m in bases) and (
+            all(b is not None for b in biases) or all(b is None for b in biases)):
+        w = torch.cat([m.weight for m in bases])
+        b = torch.cat(biases) if biases[0] is not None else None
+        outs = list(F.linear(x, w, b).split([m.out_features for m in bases], -1))
+    else:
+        outs = [F.linear(x, m.weight, m.bias) for m in bases]
+    adapted = [i for i, p in enumerate(parts) if p.a is not None]
+    if not adapted:
+        return outs
+    if any(parts[i].dropout is not None for i in adapted):
+        hs = [F.linear(parts[i].dropout(x) if parts[i].dropout else x, parts[i].a)
+              for i in adapted]
+    else:
+        hs = F.linear(x, torch.cat([parts[i].a for i in adapted])).split(
+            [parts[i].a.shape[0] for i in adapted], -1)
+    for i, h in zip(adapted, hs):
+        outs[i] = torch.addmm(outs[i], h, (parts[i].b * parts[i].scale).t())
+    return outs
+
+
+def _linear(mod, x: torch.Tensor) -> torch.Tensor:
+    return _project([mod], x)[0]
 
 
 def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
@@ -298,4 +362,4 @@ def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
             dropout_p=attn.attention_dropout if attn.training else 0.0)
         o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
         parts.append(o if g.keep is None else o.index_select(0, g.keep))
-    return attn.o_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+    return _linear(attn.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
