@@ -210,3 +210,19 @@ def test_small_passes_skip_the_rate_measurement_and_run_eager(monkeypatch):
     monkeypatch.setattr(decoder, "kernels_for", lambda s, d: asked.append(s) or decoder.EAGER)
     lm._no_grad_pass(model, enc, rt, 64)
     assert asked[0] > decoder.COMPILE_SECONDS / decoder.COMPILE_SAVES  # slow: it would pay
+
+
+def test_dora_layers_are_called_as_they_are():
+    """DoRA rescales the adapted weight: not the base + A·B formula `_project` computes, so
+    its layers run peft's own forward, and the states still agree."""
+    from peft import LoraConfig
+
+    model = add_lora(_model("llama"), LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                 target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert decoder._parts(q) is None
+    _agree(model.eval(), _batch()[1])

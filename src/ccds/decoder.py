@@ -294,8 +294,9 @@ def _parts(m: torch.nn.Module) -> _Lora | None:
             or m.disable_adapters or len(m.active_adapters) != 1):
         return None
     (name,) = m.active_adapters
-    if name not in lora_a or name in m.lora_variant or type(m.base_layer) is not torch.nn.Linear:
-        return None
+    variant = name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name)
+    if name not in lora_a or variant or type(m.base_layer) is not torch.nn.Linear:
+        return None  # DoRA and other variants change the formula
     a, b, drop = lora_a[name], lora_b[name], m.lora_dropout[name]
     if any(map(_hooked, (m.base_layer, a, b))) or b.bias is not None:
         return None
@@ -328,7 +329,7 @@ def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
     if not adapted:
         return outs
     if any(parts[i].dropout is not None for i in adapted):
-        hs = [F.linear(parts[i].dropout(x) if parts[i].dropout else x, parts[i].a)
+        hs = [F.linear(x if parts[i].dropout is None else parts[i].dropout(x), parts[i].a)
               for i in adapted]
     else:
         hs = F.linear(x, torch.cat([parts[i].a for i in adapted])).split(
