@@ -17,9 +17,9 @@ Measured counts come from torch's FLOP formulas (those of FlopCounterMode) appli
 that actually ran in a stage's first `SAMPLED_BATCHES` batches, scaled to the stage by the
 analytic count: a Python hook on every op costs throughput wherever matmuls are fast (a
 fifth of a LoRA step on an AMX CPU: benchmarks/speed_lm.py) and keeps CUDA graphs from
-being captured. The stage's detail says what was counted; `Sample(None)` counts everything. torch has no formula for the fused CPU attention kernel nor for the
-grouped matmul transformers runs a mixture-of-experts with (both count 0), so ccds registers
-them below.
+being captured. The stage's detail says what was counted; `Sample(None)` counts everything.
+torch has no formula for the fused CPU attention kernel nor for the grouped matmul
+transformers runs a mixture-of-experts with (both count 0), so ccds registers them below.
 """
 
 from __future__ import annotations
