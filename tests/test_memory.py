@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from test_less_device import llama_8b_on_meta
 
 from ccds import Example
-from ccds.models import ModelShape, Runtime, add_lora, batch_budget, causal_lm, pick_runtime
+from ccds.models import (ModelShape, Runtime, add_lora, batch_budget, causal_lm, head_rows,
+                         pick_runtime)
 from ccds.train import TrainConfig, fit_memory, train
 
 GPU = Runtime(torch.device("cuda"), torch.bfloat16)
@@ -219,8 +220,8 @@ def _batch(tok, rows: int, prompt: int, response: int):
                          ids=["fp32", "bf16", "fp32-transformers"])
 def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype, own, monkeypatch):
     """Issue 31: one scoring batch's peak (after a warm-up) lies between 1/1.5 of the
-    estimate and the estimate, with the head's 1,024-position chunk (a fixed 1 GB here) the
-    peak or the body's transients the peak (the old 10·vocab bytes per token: 5-40x it);
+    estimate and the estimate, with the head's chunk (`head_rows` positions, 64 on a CPU:
+    64 MB here) the peak or the body's transients the peak (the old 10·vocab bytes per token: 5-40x it);
     through ccds's own forward and through transformers' (`own`)."""
     from ccds import decoder
     from ccds.lm import score_sequences
@@ -242,16 +243,18 @@ def test_scoring_estimate_bounds_the_measured_peak(llama_128k, dtype, own, monke
         run()
         peak = _peak_bytes(run)
         est = ModelShape.of(model).batch_bytes(tokens, act, response_share=share,
-                                               own_forward=own)
+                                               own_forward=own, head_rows=head_rows(rt.device))
         assert peak <= est <= 1.5 * peak, (shape, peak / 1e6, est / 1e6)
         # share 1.0: safe
-        assert est <= ModelShape.of(model).batch_bytes(tokens, act, own_forward=own)
+        assert est <= ModelShape.of(model).batch_bytes(tokens, act, own_forward=own,
+                                                       head_rows=head_rows(rt.device))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
-    """The same for a LoRA step's forward and backward (TrainConfig's adapters): the head
-    on every response token at once, the body's saved activations on every token."""
+    """The same for a LoRA step's forward and backward (TrainConfig's adapters): the frozen
+    head's chunk and its states' gradient per response token, the body's saved activations
+    on every token."""
     from ccds.lm import own_kernels, response_nll
 
     base, tok = llama_128k
@@ -275,6 +278,6 @@ def test_lora_step_estimate_bounds_the_measured_peak(llama_128k, dtype):
         model.zero_grad(set_to_none=True)
         peak = _peak_bytes(step)
         model.zero_grad(set_to_none=True)
-        est = 4 * trainable + ModelShape.of(model).batch_bytes(tokens, act, backward=True,
-                                                               response_share=share)
+        est = 4 * trainable + ModelShape.of(model).batch_bytes(
+            tokens, act, backward=True, response_share=share, head_rows=head_rows(rt.device))
         assert peak <= est <= 1.5 * peak, (shape, kernels is None, peak / 1e6, est / 1e6)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import decoder
-from .models import HEAD_ROWS, Runtime, batch_budget, cpu_matmul_gflops, plain_head
+from .models import Runtime, batch_budget, cpu_matmul_gflops, head_rows, plain_head
 from .tokenize import Batch, Encoded, collate, length_batches, to_device, token_batches
 
 
@@ -55,14 +55,60 @@ def response_logprobs(model, batch: Batch, suffix: bool = False,
 
 
 def _token_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor,
-                    rows: int = HEAD_ROWS) -> torch.Tensor:
-    """log p(target) for each row of `hidden`. Without gradients, `rows` positions at a time:
-    a batch of 8192 response tokens would otherwise hold 8192 × vocab fp32 logits (1.6 GB
-    for SmolLM2) and its log-softmax, and peak memory would follow the longest responses."""
+                    rows: int | None = None) -> torch.Tensor:
+    """log p(target) for each row of `hidden`, `rows` positions at a time (None:
+    `head_rows`). A frozen, bias-free linear head (LoRA, scoring) goes through `_FrozenHead`,
+    which never holds [N, vocab] logits, with or without gradients. Any other head is called
+    as it is: chunked without gradients, all rows at once with them (its logits, fp32
+    log-softmax and their gradients held for the backward)."""
+    rows = rows or head_rows(hidden.device)
+    if (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and not (head._forward_hooks or head._forward_pre_hooks)):
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _FrozenHead.apply(hidden, head.weight, targets, rows)
+        return _head_chunks(hidden, head.weight, targets, rows, grad=False)[0]
     step = max(len(hidden), 1) if torch.is_grad_enabled() else rows
     parts = [-F.cross_entropy(head(hidden[i:i + step]).float(), targets[i:i + step],
                               reduction="none") for i in range(0, len(hidden), step)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _head_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 rows: int, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target) per row [N] fp32, and with `grad` its gradient w.r.t. each row's hidden
+    state [N, d]: W[target] − softmax(z)·W, in hidden's dtype), `rows` rows at a time.
+    Logits come in the matmul's dtype (bf16 under autocast) and are normalised in fp32,
+    as `F.cross_entropy(head(h).float())` computes them."""
+    out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if grad else None
+    for i in range(0, len(hidden), rows):
+        t = targets[i:i + rows, None]
+        z = F.linear(hidden[i:i + rows], weight)
+        lsm = torch.log_softmax(z.float(), -1)
+        out[i:i + rows] = lsm.gather(1, t)[:, 0]
+        if dh is not None:  # d log p(t) / dz = onehot(t) − softmax(z)
+            p = lsm.exp_().scatter_add_(1, t, lsm.new_full(t.shape, -1.0))
+            dh[i:i + rows] = torch.mm(p.to(z.dtype), weight.to(z.dtype)).neg_()
+        del z, lsm  # before the next chunk's: one chunk's logits held at a time
+    return out, dh
+
+
+class _FrozenHead(torch.autograd.Function):
+    """`_head_chunks` as an autograd op. The gradient of a row's log p(target) w.r.t. its
+    hidden state does not depend on what is downstream, so the forward computes it chunk by
+    chunk ([N, d], the size of the hidden states) and the backward only scales it by each
+    row's incoming gradient: the head's FLOPs of a plain backward, none of its memory."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        out, dh = _head_chunks(hidden, weight, targets, rows, grad=True)
+        ctx.save_for_backward(dh)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (dh,) = ctx.saved_tensors
+        return (g[:, None] * dh).to(dh.dtype), None, None, None
 
 
 def _decoder_states(base, batch: Batch, kernels: decoder.Kernels | None,

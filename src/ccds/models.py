@@ -447,7 +447,15 @@ def plain_head(model):
     return None
 
 
-HEAD_ROWS = 1024  # positions per LM-head call without gradients (lm._token_logprobs)
+# positions per LM-head chunk (lm._token_logprobs) on a GPU and on a CPU (`head_rows`)
+HEAD_ROWS, CPU_HEAD_ROWS = 1024, 64
+
+
+def head_rows(device: torch.device) -> int:
+    """Positions per LM-head chunk: on a CPU few enough that the chunk's fp32 logits stay
+    out of fresh pages and near the caches (benchmarks/speed_lm.py); on a GPU enough to
+    keep the head's matmul compute-bound (its weight is read once per chunk)."""
+    return HEAD_ROWS if device.type == "cuda" else CPU_HEAD_ROWS
 
 
 class ModelShape(NamedTuple):
@@ -462,6 +470,7 @@ class ModelShape(NamedTuple):
     vocab: int
     train_in: int = 0
     train_out: int = 0
+    head_trained: bool = False
 
     @classmethod
     def of(cls, model) -> ModelShape:
@@ -471,13 +480,16 @@ class ModelShape(NamedTuple):
         lin = [m for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
         drop = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+        head = base.get_output_embeddings()
         return cls(n, d, getattr(cfg, "intermediate_size", None) or 4 * d, cfg.vocab_size,
                    sum(m.in_features for m in lin) * (2 if drop else 1) // n,
-                   sum(m.out_features for m in lin) // n)
+                   sum(m.out_features for m in lin) // n,
+                   bool(head is not None and head.weight.requires_grad))
 
     def batch_bytes(self, tokens: int, act_bytes: int, *, backward: bool = False,
                     checkpointing: bool = False, response_share: float = 1.0,
-                    plain_head: bool = True, own_forward: bool = False) -> float:
+                    plain_head: bool = True, own_forward: bool = False,
+                    head_rows: int = HEAD_ROWS) -> float:
         """An upper estimate of the bytes a batch of `tokens` padded tokens holds at its peak,
         besides the weights (tests/test_memory.py holds it within 1.5x of a measured peak).
 
@@ -485,29 +497,37 @@ class ModelShape(NamedTuple):
         attention's output, the gated MLP; through `decoder.states`, `own_forward`, the
         larger of 10·d_model and 6·d_model + 2·d_ff, its SwiGLU running in place) or, after
         the body, the final states (≤ 3·d_model)
-        with the head, which runs `HEAD_ROWS` scored positions at a time (logits and fp32
-        log-softmax, 8 bytes per vocabulary entry): a fixed chunk, not a cost per token.
+        with the head, which runs `head_rows` scored positions at a time (logits, their fp32
+        copy where narrower, fp32 log-softmax): a fixed chunk, not a cost per token.
         With the backward, per token and layer what it keeps (the norms' fp32 inputs, q/k/v
         after RoPE, attention's output, three d_ff tensors of the MLP, the trainable layers'
         inputs; with gradient checkpointing each layer's input plus one layer recomputed),
         the final states and a layer's gradients in flight (32·d_model bytes), and per
-        response token the head's fp32 logits, log-softmax and gradient, all at once (12
-        bytes per vocabulary entry). `response_share`: the response tokens' share of the
+        response token what the head keeps: a frozen head (`lm._FrozenHead`) its states'
+        gradient (d_model) beside one chunk of logits, fp32 softmax and its copy in the
+        matmul's dtype; a trained one its fp32 logits, log-softmax and gradient, all at once
+        (12 bytes per vocabulary entry). `response_share`: the response tokens' share of the
         padded ones; 1.0, safe for any data, unless known. A head that is not a plain
         projection (`lm.plain_head`) gives logits for every kept position at once."""
         d, ff, v = self.d_model, self.d_ff, self.vocab
+        wide = 4 if act_bytes < 4 else 0  # the head's fp32 copy of narrower logits
         if not backward:
             width = max(10 * d, 6 * d + 2 * ff) if own_forward else 8 * d + 3 * ff
             body = tokens * width * act_bytes
             if not plain_head:
                 return body + tokens * (act_bytes + 8) * v
-            rows = min(HEAD_ROWS, math.ceil(response_share * tokens))
-            return max(body, tokens * 3 * d * act_bytes + 8 * v * rows)
+            rows = min(head_rows, math.ceil(response_share * tokens))
+            return max(body, tokens * 3 * d * act_bytes + (act_bytes + wide + 4) * v * rows)
         layer = (4 * d + 3 * ff + self.train_in) * act_bytes + 8 * d
         kept = (self.layers * d * act_bytes + layer if checkpointing
                 else self.layers * layer)
-        head = 16 * v if not plain_head else response_share * (12 * v + 16 * d)
-        return tokens * (kept + 32 * d + head)
+        if not plain_head or self.head_trained:
+            head = 16 * v if not plain_head else response_share * (12 * v + 16 * d)
+            return tokens * (kept + 32 * d + head)
+        rows = min(head_rows, math.ceil(response_share * tokens))
+        head = response_share * (16 + act_bytes) * d
+        chunk = act_bytes + wide + 4 + (act_bytes if wide else 0)  # + softmax, narrowed
+        return tokens * (kept + 32 * d + head) + chunk * v * rows
 
 
 def free_bytes(device: torch.device) -> float | None:
@@ -537,7 +557,8 @@ def batch_budget(model, runtime: Runtime, *, default: int = 8192, backward: bool
     base = plain_head(model)
     kw = dict(backward=backward, checkpointing=checkpointing, response_share=response_share,
               plain_head=base is not None,
-              own_forward=not backward and base is not None and decoder.supports(base))
+              own_forward=not backward and base is not None and decoder.supports(base),
+              head_rows=head_rows(runtime.device))
     return fit_tokens(lambda t: fixed + shape.batch_bytes(t, act, **kw), free, cap=cap)
 
 
