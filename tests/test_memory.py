@@ -13,8 +13,15 @@ from safetensors.torch import load_file
 from test_less_device import llama_8b_on_meta
 
 from ccds import Example
-from ccds.models import (ModelShape, Runtime, add_lora, batch_budget, causal_lm, head_rows,
-                         pick_runtime)
+from ccds.models import (
+    ModelShape,
+    Runtime,
+    add_lora,
+    batch_budget,
+    causal_lm,
+    head_rows,
+    pick_runtime,
+)
 from ccds.train import TrainConfig, fit_memory, train
 
 GPU = Runtime(torch.device("cuda"), torch.bfloat16)

@@ -340,7 +340,7 @@ def _project(mods, x: torch.Tensor) -> list[torch.Tensor]:
     else:
         hs = F.linear(x, torch.cat([parts[i].a for i in adapted])).split(
             [parts[i].a.shape[0] for i in adapted], -1)
-    for i, h in zip(adapted, hs):
+    for i, h in zip(adapted, hs, strict=True):
         outs[i] = torch.addmm(outs[i], h, (parts[i].b * parts[i].scale).t())
     return outs
 

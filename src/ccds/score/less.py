@@ -319,7 +319,7 @@ def per_example_grads(model, batch, names: list[str], runtime,
             h.remove()
     at = None
     parts = []
-    for n, g in zip(names, grads):
+    for n, g in zip(names, grads, strict=True):
         x = inputs[n]
         g = torch.zeros_like(outputs[n]) if g is None else g
         if x.dim() == 2:  # per real token: back to [B, W, ·], zeros at the padding
