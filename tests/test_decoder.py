@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ccds import decoder
 from ccds.lm import mean_hidden, score_sequences
@@ -226,3 +227,22 @@ def test_dora_layers_are_called_as_they_are():
     q = model.get_base_model().model.layers[0].self_attn.q_proj
     assert decoder._parts(q) is None
     _agree(model.eval(), _batch()[1])
+
+
+@pytest.mark.parametrize("heads,groups,width", [(4, 2, 7), (3, 3, 5), (2, 1, 1)])
+def test_math_backward_gives_sdpas_gradients(heads, groups, width):
+    """`_MathBackward` (the CPU training path for short rows) against SDPA's own autograd:
+    grouped and plain heads, a one-token row; fp32 to rounding."""
+    torch.manual_seed(0)
+    qkv = [torch.randn(3, h, width, 8) for h in (heads, groups, groups)]
+    grad_out = torch.randn(3, heads, width, 8)
+    got = []
+    for attend in (lambda q, k, v: decoder._MathBackward.apply(q, k, v, 0.3),
+                   lambda q, k, v: F.scaled_dot_product_attention(
+                       q, k, v, is_causal=True, scale=0.3, enable_gqa=heads != groups)):
+        leaves = [t.clone().requires_grad_() for t in qkv]
+        out = attend(*leaves)
+        out.backward(grad_out)
+        got.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*got, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -364,9 +364,68 @@ def _attention(attn, h: torch.Tensor, rope, groups: list[_Group],
         for t in (q, k, v):
             t = t[g.span[0]:g.span[1]] if g.take is None else t.index_select(0, g.take)
             qkv.append(t.view(g.rows, g.width, t.shape[1], dim).transpose(1, 2))
-        o = F.scaled_dot_product_attention(
-            *qkv, is_causal=True, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1],
-            dropout_p=attn.attention_dropout if attn.training else 0.0)
+        o = _causal(*qkv, scale=attn.scaling,
+                    dropout=attn.attention_dropout if attn.training else 0.0)
         o = o.transpose(1, 2).reshape(g.rows * g.width, -1)
         parts.append(o if g.keep is None else o.index_select(0, g.keep))
     return _linear(attn.o_proj, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+            dropout: float) -> torch.Tensor:
+    """Causal attention of [B, heads, L, dim] (k, v may have fewer heads: grouped). With
+    gradients on a CPU and rows of at most `MATH_BACKWARD_WIDTH`, through `_MathBackward`;
+    else SDPA's own."""
+    if (torch.is_grad_enabled() and q.device.type == "cpu" and not dropout
+            and q.shape[2] <= MATH_BACKWARD_WIDTH):
+        return _MathBackward.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1],
+                                          dropout_p=dropout)
+
+
+# rows up to this width take `_MathBackward` (benchmarks/attention_backward.py: on a CPU
+# SDPA's flash backward costs about as much at 64 tokens as at 256)
+MATH_BACKWARD_WIDTH = 256
+
+
+class _MathBackward(torch.autograd.Function):
+    """SDPA's fused forward, and a backward of batched matmuls over the [L, L] scores.
+
+    Why: on a CPU the flash kernel's backward costs 5-20x its forward and has a large fixed
+    cost per call, while training batches are groups of short rows; there the scores fit
+    in memory and the textbook backward (recompute P, dV = PᵀdO, dS = P∘(dP − rowsum(dO∘O)))
+    is a handful of AMX matmuls. Grouped heads are never repeated: each K/V head's query
+    heads are stacked as rows, so dK and dV sum over them in the matmul itself."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        if torch.is_autocast_enabled(q.device.type):  # as SDPA casts under autocast
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        ctx.save_for_backward(q, k, v, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        do = do.to(o.dtype)  # the gradients go back in it; autograd casts them to the inputs'
+        b, heads, length, dim = q.shape
+        groups = k.shape[1]
+        rows = heads // groups * length  # a K/V head's query rows, stacked
+        qg, dog = q.reshape(b, groups, rows, dim), do.reshape(b, groups, rows, dim)
+        # P in fp32 from scores in the inputs' dtype, as an eager attention computes it
+        s = torch.matmul(qg, k.transpose(-1, -2)).view(b, groups, -1, length, length)
+        future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
+        p = torch.softmax(s.mul_(ctx.scale).masked_fill_(future, float("-inf")), -1,
+                          dtype=torch.float32)
+        dv = torch.matmul(p.to(q.dtype).view(b, groups, rows, length).transpose(-1, -2), dog)
+        dp = torch.matmul(dog, v.transpose(-1, -2)).view_as(p)
+        delta = (do * o).sum(-1, dtype=torch.float32).view(b, groups, -1, length, 1)
+        ds = torch.sub(dp, delta).mul_(p).to(q.dtype).view(b, groups, rows, length)
+        dq = torch.matmul(ds, k).mul_(ctx.scale).view(b, heads, length, dim)
+        dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(ctx.scale)
+        return dq, dk, dv, None
