@@ -48,7 +48,7 @@ def one_width(width: int, rows: int, dtype: torch.dtype) -> dict:
     grad_out = torch.randn(rows, 9, width, 64, generator=gen)
 
     def grads(attend, dt):
-        qkv = [t.to(dt).requires_grad_() for t in base]
+        qkv = [t.to(dt, copy=True).requires_grad_() for t in base]
         attend(*qkv).backward(grad_out.to(dt))
         return [t.grad.float() for t in qkv]
 
