@@ -101,7 +101,26 @@ def limits(r: dict) -> list[str]:
     for key in ("speed_lm", "speed_lm-avx512"):
         if key in r:
             out += limits_lm(r[key], r.get("elementwise") if key == "speed_lm" else None)
+    if "attention_backward" in r:
+        out += attention_backward(r["attention_backward"])
     return ["", "## What limits the language-model passes"] + out if out else []
+
+
+def attention_backward(ab: dict) -> list[str]:
+    """SDPA's flash backward against ccds's math backward on a CPU, and what it did to
+    training (results/attention_backward.md)."""
+    ws = ab["widths"]
+    many = [w for w in ws if w["rows"] > 1]
+    flash = next(t for t in ab["training"] if t["math_up_to"] == 0)["wall_s"]
+    chosen = next(t for t in ab["training"] if t["math_up_to"] == ab["chosen"])["wall_s"]
+    return ["", f"Attention's backward ({ab['machine']}, {ab['date']}, "
+            "[attention_backward](results/attention_backward.md)): SDPA's flash kernel costs "
+            f"{min(w['flash_ms'] for w in many):.0f}–{max(w['flash_ms'] for w in many):.0f} ms "
+            "per ~2,048-token call (forward and backward) whatever the row width. "
+            "ccds's math backward (batched matmuls over the [L, L] scores, in fp32 where they "
+            "cancel) is " + ", ".join(f"{w['speedup']:.1f}x at width {w['width']}"
+                                      for w in many) + f". Training takes it up to width "
+            f"{ab['chosen']}: {flash / chosen:.2f}x the flash-only wall time in one process."]
 
 
 def limits_lm(lm: dict, ew: dict | None) -> list[str]:
@@ -192,7 +211,8 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
-    for name in ("memory", "scaling", "projection", "elementwise", "own_forward"):
+    for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
+                 "attention_backward"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
@@ -208,7 +228,7 @@ def main() -> int:
         b, p = v["bm25"], v["ppl"]
         lines += ["", "## Memory", "",
                   "Every pass holds one 4096-row chunk of the pool at a time, and scoring "
-                  "applies the LM head 1024 positions at a time. BM25 "
+                  "applies the LM head 1,024 positions at a time on a GPU, 64 on a CPU. BM25 "
                   + ("streams" if b["streams"] else
                      f"does not stream: its peak grows {b['growth_mib']:.1f} MiB from 10k to "
                      f"100k ({b['bytes_per_extra_example']:.0f} B per extra example)")

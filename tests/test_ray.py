@@ -2,8 +2,9 @@
 each a separate `ray start` process (Ray binds a multi-node cluster to the machine's own
 address, not 127.0.0.1; no other host is involved; token auth is off for the test cluster). Every per-example pass (perplexity,
 embeddings, LESS gradient features, S2L trajectories, BM25's two passes) must give the local
-backend's rows in pool order; a worker node killed mid-job must not change the result; finished shards are
-not recomputed. Skips when ray is not installed."""
+backend's rows in pool order (the language-model passes on the tiny Llama, S2L on its scratch
+proxy); a worker node killed mid-job, SmolLM2's shards in flight, must not change the result;
+finished shards are not recomputed. Skips when ray is not installed."""
 
 from __future__ import annotations
 
@@ -115,9 +116,12 @@ def _score(name, params, pool, target, ctx, cache: Path, monkeypatch) -> tuple[n
     ("s2l", {"checkpoints": 3, "k": 4}),
     ("bm25", {"shard_size": 10}),
 ], ids=["ppl", "embed", "less", "s2l", "bm25"])
-def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, name, params):
+def test_each_pass_on_ray_matches_local(cluster, data, tmp_path, monkeypatch, name, params,
+                                        tiny_model_dir):
     address, _, _ = cluster
     pool, target = data
+    if name in ("ppl", "less"):  # the backend is under test: a tiny model runs the same code
+        params = {**params, "model": str(tiny_model_dir)}
     local, m_local = _score(name, params, pool, target, _ctx(tmp_path), tmp_path / "a",
                             monkeypatch)
     remote, m_remote = _score(name, params, pool, target, _ctx(tmp_path, address),
@@ -180,7 +184,7 @@ def test_killed_worker_node_and_resume(cluster, data, tmp_path, figure):
     np.testing.assert_allclose(again, local, rtol=1e-4)
 
 
-def test_cli_score_with_ray_backend(cluster, data, tmp_path):
+def test_cli_score_with_ray_backend(cluster, data, tmp_path, tiny_model_dir):
     from ccds.data.formats import write_examples
 
     address, _, _ = cluster
@@ -190,7 +194,7 @@ def test_cli_score_with_ray_backend(cluster, data, tmp_path):
         out = tmp_path / f"{backend}.parquet"
         r = subprocess.run([sys.executable, "-m", "ccds", "score", "--pool",
                             str(tmp_path / "pool.jsonl"), "--method", "ppl", "--param",
-                            "variant=low", "--out", str(out), "--backend", backend,
+                            "variant=low", "--param", f"model={tiny_model_dir}", "--out", str(out), "--backend", backend,
                             "--address", address, "--shard-size", "16", "--concurrency", "2",
                             "--work", str(tmp_path / "shards")],
                            capture_output=True, text=True,

@@ -35,10 +35,11 @@ def pool(tmp_path):
     return tmp_path / "pool.jsonl"
 
 
-def test_every_cpu_asked_for_is_clamped_and_ray_stays_quiet(pool, tmp_path):
+def test_every_cpu_asked_for_is_clamped_and_ray_stays_quiet(pool, tmp_path, tiny_model_dir):
     """Two actors of one CPU on two CPUs left none for Ray Data's read tasks: it hung."""
     r = subprocess.run([sys.executable, "-m", "ccds", "score", "--pool", str(pool), "--method",
-                        "ppl", "--out", str(tmp_path / "s.parquet"), "--backend", "ray",
+                        "ppl", "--param", f"model={tiny_model_dir}",
+                        "--out", str(tmp_path / "s.parquet"), "--backend", "ray",
                         "--concurrency", "2", "--shard-size", "16"],
                        capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -417,15 +417,16 @@ class _MathBackward(torch.autograd.Function):
         groups = k.shape[1]
         rows = heads // groups * length  # a K/V head's query rows, stacked
         qg, dog = q.reshape(b, groups, rows, dim), do.reshape(b, groups, rows, dim)
-        # P in fp32 from scores in the inputs' dtype, as an eager attention computes it
-        s = torch.matmul(qg, k.transpose(-1, -2)).view(b, groups, -1, length, length)
+        # the scores and dP in fp32 (as flash accumulates them): dS = P∘(dP − rowsum(P∘dP))
+        # cancels, and dP rounded to bf16 would lose LESS's per-example gradients' agreement
+        s = torch.matmul(qg.float(), k.float().transpose(-1, -2)).view(
+            b, groups, -1, length, length)
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
-        p = torch.softmax(s.mul_(ctx.scale).masked_fill_(future, float("-inf")), -1,
-                          dtype=torch.float32)
+        p = torch.softmax(s.mul_(ctx.scale).masked_fill_(future, float("-inf")), -1)
         dv = torch.matmul(p.to(q.dtype).view(b, groups, rows, length).transpose(-1, -2), dog)
-        dp = torch.matmul(dog, v.transpose(-1, -2)).view_as(p)
+        dp = torch.matmul(dog.float(), v.float().transpose(-1, -2)).view_as(p)
         delta = (do * o).sum(-1, dtype=torch.float32).view(b, groups, -1, length, 1)
-        ds = torch.sub(dp, delta).mul_(p).to(q.dtype).view(b, groups, rows, length)
+        ds = dp.sub_(delta).mul_(p).to(q.dtype).view(b, groups, rows, length)
         dq = torch.matmul(ds, k).mul_(ctx.scale).view(b, heads, length, dim)
         dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(ctx.scale)
         return dq, dk, dv, None
