@@ -247,7 +247,7 @@ def test_sigkilled_scoring_resumes_to_the_same_scores(tmp_path, figure):
     from ccds.data.synth import generate
     from ccds.score.base import read_scores
 
-    write_examples(generate(seed=3, n_pool=200)[0], tmp_path / "pool.jsonl")
+    write_examples(generate(seed=3, n_pool=100)[0], tmp_path / "pool.jsonl")
 
     def start(name):
         return subprocess.Popen(
