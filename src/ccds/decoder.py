@@ -384,19 +384,20 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                                           dropout_p=dropout)
 
 
-# rows up to this width take `_MathBackward` (benchmarks/attention_backward.py: on a CPU
-# SDPA's flash backward costs about as much at 64 tokens as at 256)
+# rows up to this width take `_MathBackward` (benchmarks/attention_backward.py: the width
+# that made LoRA training fastest)
 MATH_BACKWARD_WIDTH = 256
 
 
 class _MathBackward(torch.autograd.Function):
     """SDPA's fused forward, and a backward of batched matmuls over the [L, L] scores.
 
-    Why: on a CPU the flash kernel's backward costs 5-20x its forward and has a large fixed
-    cost per call, while training batches are groups of short rows; there the scores fit
-    in memory and the textbook backward (recompute P, dV = PᵀdO, dS = P∘(dP − rowsum(dO∘O)))
-    is a handful of AMX matmuls. Grouped heads are never repeated: each K/V head's query
-    heads are stacked as rows, so dK and dV sum over them in the matmul itself."""
+    Why: on a CPU the flash kernel's backward costs about as much per call whatever the
+    rows' width (benchmarks/attention_backward.py), while training batches are groups of
+    short rows; there the scores fit in memory and the textbook backward (recompute P,
+    dV = PᵀdO, dS = P∘(dP − rowsum(dO∘O))) is a handful of batched matmuls. Grouped heads
+    are never repeated: each K/V head's query heads are stacked as rows, so dK and dV sum
+    over them in the matmul itself."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):

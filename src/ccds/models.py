@@ -452,9 +452,10 @@ HEAD_ROWS, CPU_HEAD_ROWS = 1024, 64
 
 
 def head_rows(device: torch.device) -> int:
-    """Positions per LM-head chunk: on a CPU few enough that the chunk's fp32 logits stay
-    out of fresh pages and near the caches (benchmarks/speed_lm.py); on a GPU enough to
-    keep the head's matmul compute-bound (its weight is read once per chunk)."""
+    """Positions per LM-head chunk: on a CPU few enough that a chunk's fp32 logits reuse the
+    allocator's freed memory (glibc maps fresh, zeroed pages for every block over 32 MB,
+    so 1,024-row chunks paid page faults on each one) and stay near the caches; on a GPU
+    enough to keep the head's matmul compute-bound (its weight is read once per chunk)."""
     return HEAD_ROWS if device.type == "cuda" else CPU_HEAD_ROWS
 
 
