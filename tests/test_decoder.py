@@ -145,13 +145,43 @@ def test_a_misspelt_compile_setting_says_what_to_set(monkeypatch):
         decoder.compile_setting()
 
 
-def test_compile_cost_model():
+def test_compile_cost_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert not decoder.compile_pays("auto", cpu, None)  # unknown: do not pay to find out
     assert not decoder.compile_pays("auto", cpu, decoder.COMPILE_SECONDS)  # saves too little
     assert decoder.compile_pays("auto", cpu, 2 * decoder.COMPILE_SECONDS / decoder.COMPILE_SAVES)
     assert not decoder.compile_pays("auto", gpu, 1e6)  # not measured there: opt in
     assert decoder.compile_pays("on", gpu, None) and not decoder.compile_pays("off", cpu, 1e6)
+
+
+def test_a_cached_build_makes_compiling_pay_sooner(tmp_path, monkeypatch):
+    """Once a process has compiled the kernels for a dtype into inductor's cache, later
+    processes price compiling at the cached build's cost, for that dtype only."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    between = (decoder.WARM_COMPILE_SECONDS + decoder.COMPILE_SECONDS) / 2 / decoder.COMPILE_SAVES
+    assert decoder.compile_seconds(bf16) == decoder.COMPILE_SECONDS
+    assert not decoder.compile_pays("auto", cpu, between, bf16)
+    guarded = decoder._guarded(decoder._swiglu, decoder._swiglu)  # a build that works
+    guarded(torch.ones(2, 3, dtype=bf16), torch.ones(2, 3, dtype=bf16))
+    assert decoder.compile_seconds(bf16) == decoder.COMPILE_SECONDS  # one kernel of four
+    for name in ("rms", "add_rms", "rope"):
+        decoder._mark_built(name, bf16)
+    assert decoder.compile_seconds(bf16) == decoder.WARM_COMPILE_SECONDS
+    assert decoder.compile_pays("auto", cpu, between, bf16)
+    assert not decoder.compile_pays("auto", cpu, between, torch.float32)
+
+
+def test_a_failed_build_leaves_no_marker(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    with pytest.warns(UserWarning, match="running eager"):
+        decoder._guarded(broken, decoder._swiglu)(torch.ones(2), torch.ones(2))
+    assert not list(tmp_path.rglob("swiglu-*"))
 
 
 def test_passes_take_it_and_keep_their_numbers(monkeypatch):
@@ -208,7 +238,8 @@ def test_small_passes_skip_the_rate_measurement_and_run_eager(monkeypatch):
     monkeypatch.setattr(decoder, "NEVER_PAYS_BELOW", 0)
     monkeypatch.setattr(lm, "cpu_matmul_gflops", lambda: {"fp32": 1e-6, "bf16": 1e-6})
     asked = []
-    monkeypatch.setattr(decoder, "kernels_for", lambda s, d: asked.append(s) or decoder.EAGER)
+    monkeypatch.setattr(decoder, "kernels_for",
+                        lambda s, d, dt: asked.append(s) or decoder.EAGER)
     lm._no_grad_pass(model, enc, rt, 64)
     assert asked[0] > decoder.COMPILE_SECONDS / decoder.COMPILE_SAVES  # slow: it would pay
 

@@ -163,7 +163,7 @@ def own_kernels(model, runtime: Runtime, seconds: float | None = None
     base = plain_head(model)
     if base is None or not decoder.supports(base):
         return None
-    return decoder.kernels_for(seconds, runtime.device)
+    return decoder.kernels_for(seconds, runtime.device, runtime.autocast or torch.float32)
 
 
 def response_nll(model, batch: Batch, suffix: bool = False,
