@@ -103,6 +103,15 @@ def limits(r: dict) -> list[str]:
             out += limits_lm(r[key], r.get("elementwise") if key == "speed_lm" else None)
     if "attention_backward" in r:
         out += attention_backward(r["attention_backward"])
+    if "compile_warm" in r:
+        cw = r["compile_warm"]
+        out += ["", f"Compiling the elementwise kernels ({cw['date']}, "
+                "[compile_warm](results/compile_warm.md)) took "
+                f"{cw['cold']['compile_s']:.1f} s into an empty inductor cache and "
+                f"{cw['warm']['compile_s']:.1f} s in a later process that found the build "
+                f"there; ccds priced them at {cw['cold']['priced_s']:.1f} s and "
+                f"{cw['warm']['priced_s']:.1f} s before each, so `CCDS_COMPILE=auto` compiles "
+                "shorter passes once a build is cached."]
     return ["", "## What limits the language-model passes"] + out if out else []
 
 
@@ -212,7 +221,7 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
     for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
-                 "attention_backward"):
+                 "attention_backward", "compile_warm"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
