@@ -118,22 +118,25 @@ COMPILE_SAVES, EAGER_SHARE = 0.17, 0.33
 NEVER_PAYS_BELOW = WARM_COMPILE_SECONDS / COMPILE_SAVES * EAGER_SHARE * 50e9
 
 
-def _built_marker(kernel: str, dtype: torch.dtype) -> Path | None:
+def _built_marker(kernel: str, dtype: torch.dtype, grad: bool = False) -> Path | None:
     """A file in inductor's cache saying this torch already compiled `kernel` (this source)
-    for `dtype` inputs there: it lives and goes with the artefacts it stands for."""
+    for `dtype` inputs there, without gradients or (`grad`, another graph) with them: it
+    lives and goes with the artefacts it stands for."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch layout: assume a cold cache
         return None
     root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
     source = "".join(inspect.getsource(f) for f in EAGER)
-    key = hashlib.sha256(f"{torch.__version__} {dtype} {source}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{torch.__version__} {dtype} {grad} {source}".encode()).hexdigest()
+    key = key[:16]
     return Path(root) / "ccds" / f"{kernel}-{key}"
 
 
 def compile_seconds(dtype: torch.dtype) -> float:
-    """What compiling the kernels for `dtype` inputs costs now: little where an earlier
-    process built them into the same inductor cache (`_built_marker`), else a full build."""
+    """What compiling the kernels for a no-grad pass on `dtype` inputs (what `auto`
+    compiles) costs now: little where an earlier process built them into the same inductor
+    cache (`_built_marker`), else a full build."""
     markers = [_built_marker(k, dtype) for k in Kernels._fields]
     warm = all(m is not None and m.exists() for m in markers)
     return WARM_COMPILE_SECONDS if warm else COMPILE_SECONDS
@@ -168,9 +171,10 @@ def kernels_for(seconds: float | None, device: torch.device,
 def _guarded(fast: Callable, eager: Callable) -> Callable:
     """`compiled`, or `eager` from its first failure on (no C++ compiler or Triton here,
     an unsupported op): one warning, and the pass goes on with the same numbers to rounding.
-    Its first success for each input dtype leaves `_built_marker` for later processes."""
+    Its first success for each input dtype and grad mode leaves `_built_marker` for later
+    processes."""
     failed: list[BaseException] = []
-    built: set[torch.dtype] = set()
+    built: set[tuple[torch.dtype, bool]] = set()
 
     def run(*args):
         if not failed:
@@ -183,16 +187,17 @@ def _guarded(fast: Callable, eager: Callable) -> Callable:
                 warnings.warn(f"torch.compile failed ({str(e).splitlines()[0][:200]}); "
                               "running eager (CCDS_COMPILE=off silences this)", stacklevel=2)
             else:
-                if args[0].dtype not in built:
-                    built.add(args[0].dtype)
-                    _mark_built(eager.__name__.lstrip("_"), args[0].dtype)
+                graph = (args[0].dtype, torch.is_grad_enabled())
+                if graph not in built:
+                    built.add(graph)
+                    _mark_built(eager.__name__.lstrip("_"), *graph)
                 return out
         return eager(*args)
     return run
 
 
-def _mark_built(kernel: str, dtype: torch.dtype) -> None:
-    marker = _built_marker(kernel, dtype)
+def _mark_built(kernel: str, dtype: torch.dtype, grad: bool = False) -> None:
+    marker = _built_marker(kernel, dtype, grad)
     if marker is not None:
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
