@@ -103,6 +103,8 @@ def limits(r: dict) -> list[str]:
             out += limits_lm(r[key], r.get("elementwise") if key == "speed_lm" else None)
     if "attention_backward" in r:
         out += attention_backward(r["attention_backward"])
+    if "train_batches" in r:
+        out += train_batches(r["train_batches"])
     if "compile_warm" in r:
         cw = r["compile_warm"]
         out += ["", f"Compiling the elementwise kernels ({cw['date']}, "
@@ -130,6 +132,31 @@ def attention_backward(ab: dict) -> list[str]:
             "cancel) is " + ", ".join(f"{w['speedup']:.1f}x at width {w['width']}"
                                       for w in many) + f". Training takes it up to width "
             f"{ab['chosen']}: {flash / chosen:.2f}x the flash-only wall time in one process."]
+
+
+def train_batches(tb: dict) -> list[str]:
+    """What LoRA training's time is made of: a fixed cost per micro-batch and a cost per
+    token (results/train_batches.md)."""
+    fit, sizes, sb = tb["fit"], tb["sizes"], tb["speed_lm_batches"]
+    idle = [m for m in tb["matmuls"] if m["bmm_halves_gflops"] > 1.3 * m["matmul_gflops"]]
+    return ["", f"LoRA training by micro-batch size ({tb['machine']}, {tb['date']}, "
+            "[train_batches](results/train_batches.md)): the same examples run at "
+            f"{sizes[0]['mfu']:.0%} MFU in micro-batches of ~{sizes[0]['mean_batch_tokens']:.0f} "
+            f"real tokens and {sizes[-1]['mfu']:.0%} in ~{sizes[-1]['mean_batch_tokens']:.0f}. "
+            f"A fit gives {fit['per_batch_s'] * 1e3:.0f} ms per micro-batch (its "
+            f"{tb['ops_per_batch']:,} aten ops forward and backward) plus "
+            f"{fit['per_token_s'] * 1e3:.2f} ms per token: without the per-batch part, "
+            f"{fit['mfu_without_batch_cost']:.0%} MFU. speed_lm's 100 examples form "
+            f"{sb['batches']} micro-batches of {sb['mean_real_tokens']:.0f} real tokens, so "
+            "bigger batches alone would not reach the 30% target: the per-token work (the "
+            "elementwise steps around the matmuls, forward and backward) must shrink. "
+            "oneDNN runs some frozen-weight matmuls at mid-size row counts well below the "
+            "same product as a bmm of two halves, one per thread (GFLOP/s: "
+            + "; ".join(f"{m['weights']} at {m['rows']} rows {m['matmul_gflops']:.0f} against "
+                        f"{m['bmm_halves_gflops']:.0f}" for m in idle)
+            + "); a prototype routing the frozen weights through such a bmm (a copy per "
+            "thread) left a training run's wall time within its run-to-run spread, so ccds "
+            "does not."]
 
 
 def limits_lm(lm: dict, ew: dict | None) -> list[str]:
@@ -221,7 +248,7 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
     for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
-                 "attention_backward", "compile_warm"):
+                 "attention_backward", "compile_warm", "train_batches"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
