@@ -120,15 +120,22 @@ NEVER_PAYS_BELOW = WARM_COMPILE_SECONDS / COMPILE_SAVES * EAGER_SHARE * 50e9
 
 def _built_marker(kernel: str, dtype: torch.dtype, grad: bool = False) -> Path | None:
     """A file in inductor's cache saying this torch already compiled `kernel` (this source)
-    for `dtype` inputs there, without gradients or (`grad`, another graph) with them: it
-    lives and goes with the artefacts it stands for."""
+    for `dtype` inputs there, on this CPU (model and instruction sets: a cache directory
+    shared by machines of another kind holds no build of theirs for this one), without
+    gradients or (`grad`, another graph) with them: it lives and goes with the artefacts it
+    stands for."""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch layout: assume a cold cache
         return None
+    from .models import cpu_info  # models imports this module: read at call time
+
+    model, flags = cpu_info()
     root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
     source = "".join(inspect.getsource(f) for f in EAGER)
-    key = hashlib.sha256(f"{torch.__version__} {dtype} {grad} {source}".encode()).hexdigest()
+    machine = f"{model} {' '.join(sorted(flags))}"
+    key = hashlib.sha256(f"{torch.__version__} {dtype} {grad} {machine} {source}".encode()
+                         ).hexdigest()
     key = key[:16]
     return Path(root) / "ccds" / f"{kernel}-{key}"
 
