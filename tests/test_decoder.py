@@ -178,15 +178,13 @@ def test_a_cached_build_makes_compiling_pay_sooner(tmp_path, monkeypatch):
 def test_a_build_from_another_kind_of_cpu_is_not_warm(tmp_path, monkeypatch):
     """A cache directory shared across machines (a network home): a build marked on a CPU
     with other instruction sets does not make this one price compiling as cached."""
-    from ccds import models
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    here = models.cpu_info()
-    monkeypatch.setattr(models, "cpu_info", lambda: ("Other CPU", frozenset({"avx2"})))
+    here = decoder.cpu_info()
+    monkeypatch.setattr(decoder, "cpu_info", lambda: ("Other CPU", frozenset({"avx2"})))
     for name in decoder.Kernels._fields:
         decoder._mark_built(name, torch.bfloat16)
     assert decoder.compile_seconds(torch.bfloat16) == decoder.WARM_COMPILE_SECONDS
-    monkeypatch.setattr(models, "cpu_info", lambda: here)
+    monkeypatch.setattr(decoder, "cpu_info", lambda: here)
     assert decoder.compile_seconds(torch.bfloat16) == decoder.COMPILE_SECONDS
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +119,18 @@ COMPILE_SAVES, EAGER_SHARE = 0.17, 0.33
 NEVER_PAYS_BELOW = WARM_COMPILE_SECONDS / COMPILE_SAVES * EAGER_SHARE * 50e9
 
 
+@cache  # read once per process: the dtype choice and every compile decision read it
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """The CPU's model name and instruction-set flags from /proc/cpuinfo (None, {} elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, frozenset()
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = re.search(r"flags\s*:\s*(.*)", info)
+    return model and model.group(1), frozenset(flags.group(1).split() if flags else ())
+
+
 def _built_marker(kernel: str, dtype: torch.dtype, grad: bool = False) -> Path | None:
     """A file in inductor's cache saying this torch already compiled `kernel` (this source)
     for `dtype` inputs there, on this CPU (model and instruction sets: a cache directory
@@ -128,8 +141,6 @@ def _built_marker(kernel: str, dtype: torch.dtype, grad: bool = False) -> Path |
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch layout: assume a cold cache
         return None
-    from .models import cpu_info  # models imports this module: read at call time
-
     model, flags = cpu_info()
     root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
     source = "".join(inspect.getsource(f) for f in EAGER)

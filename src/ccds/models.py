@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 
 from . import decoder
+from .decoder import cpu_info
 from .errors import CcdsError, require
 from .io import atomic_dir, file_sha256, read_json, stable_hash, write_json
 
@@ -97,18 +98,6 @@ def cpu_has_native_bf16() -> bool:
     Without it oneDNN emulates bf16, several times slower than fp32, so autocast would hurt.
     """
     return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
-
-
-@cache  # read once per process: pick_runtime runs for every scoring context
-def cpu_info() -> tuple[str | None, frozenset[str]]:
-    """The CPU's model name and instruction-set flags from /proc/cpuinfo (None, {} elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None, frozenset()
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = re.search(r"flags\s*:\s*(.*)", info)
-    return model and model.group(1), frozenset(flags.group(1).split() if flags else ())
 
 
 def cpu_prefers_bf16() -> bool:
