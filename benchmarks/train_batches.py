@@ -1,9 +1,10 @@
 """LoRA training's speed by micro-batch size: why `speed_lm.py`'s training MFU is what it is.
 
-The same real examples (sorted by length, so rows of a batch are alike, as training's
-length-grouped batches are) run forward + backward through ccds's training path (LoRA on
-q/k/v/o, the dtype `auto` picks, ccds's own forward) cut into micro-batches of about S real
-tokens, for several S. A least-squares fit of each pass's wall time, a per-batch cost times
+The same real examples (longest first, as many rows per batch as fit in S real tokens:
+`tokenize.token_batches`, so rows of a batch are alike, as in training's length groups) run
+forward + backward through ccds's training path (LoRA on
+q/k/v/o, the dtype `auto` picks, ccds's own forward) in micro-batches of up to S real tokens,
+for several S. A least-squares fit of each pass's wall time, a per-batch cost times
 the batches plus a per-token cost times the tokens, splits the time into what does not
 shrink with the batch (a fixed number of kernel launches per layer: every op's dispatch,
 allocation and threading, counted below) and what does. speed_lm's 100 training examples
@@ -31,28 +32,14 @@ import torch
 from peak import cpu, peak
 from speed_lm import real_pool
 
-from ccds.flops import Work, lora_step_flops
+from ccds.flops import encoded_work, lora_step_flops
 from ccds.io import write_json, write_text
 from ccds.lm import own_kernels, response_nll
 from ccds.models import add_lora, load_causal_lm, param_counts, pick_runtime
-from ccds.tokenize import collate, encode, length_batches
+from ccds.tokenize import collate, encode, length_batches, token_batches
 from ccds.train import TrainConfig
 
 SIZES = (256, 512, 1024, 2048, 4096)
-
-
-def cut(lengths: np.ndarray, size: int) -> list[np.ndarray]:
-    """Length-sorted rows, cut whenever a batch reaches `size` real tokens."""
-    order = np.argsort(-lengths, kind="stable")
-    out, start, tokens = [], 0, 0
-    for i, ix in enumerate(order):
-        tokens += int(lengths[ix])
-        if tokens >= size:
-            out.append(order[start:i + 1])
-            start, tokens = i + 1, 0
-    if start < len(order):
-        out.append(order[start:])
-    return out
 
 
 def ops_per_batch(step) -> Counter:
@@ -121,6 +108,7 @@ def main(argv=None) -> int:
     kernels = own_kernels(peft, rt)
     counts = param_counts(peft)
     enc = encode(real_pool(args.examples), tok, cfg.max_len)
+    flops = lora_step_flops(counts, encoded_work(enc, suffix=True))  # the same at every size
 
     def run(batches) -> None:
         for b in batches:
@@ -131,12 +119,8 @@ def main(argv=None) -> int:
 
     sizes = []
     for size in SIZES:
-        ix = cut(enc.lengths, size)
+        ix = token_batches(enc.lengths, size)
         batches = [collate(enc, i, tok.pad_token_id) for i in ix]
-        work = Work()
-        for i in ix:
-            work.add(enc.lengths[i], int(enc.response_lengths[i].sum()), int(enc.lengths[i].sum()))
-        flops = lora_step_flops(counts, work)
         run(batches[:1])
         times = []
         for _ in range(args.repeats):
@@ -155,7 +139,7 @@ def main(argv=None) -> int:
     (per_batch, per_token), *_ = np.linalg.lstsq(a, np.array([s["wall_s"] for s in sizes]),
                                                  rcond=None)
     flops_per_token = sizes[-1]["gflops"] * sizes[-1]["wall_s"] / sizes[-1]["tokens"]
-    ops = ops_per_batch(lambda: run([collate(enc, cut(enc.lengths, 512)[0], tok.pad_token_id)]))
+    ops = ops_per_batch(lambda: run([collate(enc, token_batches(enc.lengths, 512)[0], tok.pad_token_id)]))
     # speed_lm's training batches: its pool and config (batch_tokens 2048, length groups)
     bench = encode(real_pool(100), tok, cfg.max_len)
     groups = length_batches(bench.lengths, 2048, cfg.max_batch, 0)
@@ -183,7 +167,7 @@ def markdown(r: dict) -> str:
         f"Command: `{r['command']}` — {r['date']}, {r['machine']}, {r['threads']} threads, "
         f"torch {r['torch']}, {r['dtype']} (peak {r['peak_gflops']:.0f} GFLOP/s, measured in "
         f"this run). The same {r['examples']} real examples, forward + backward (LoRA r=16 on "
-        f"q/k/v/o, ccds's own forward), cut into micro-batches of about S real tokens; "
+        f"q/k/v/o, ccds's own forward), in micro-batches of up to S real tokens; "
         f"median of {r['repeats']}.", "",
         "| S (real tokens) | micro-batches | mean tokens | wall s | tokens/s | MFU |",
         "|---|---|---|---|---|---|"]
