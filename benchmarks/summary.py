@@ -105,6 +105,8 @@ def limits(r: dict) -> list[str]:
         out += attention_backward(r["attention_backward"])
     if "train_batches" in r:
         out += train_batches(r["train_batches"])
+    if "malloc" in r:
+        out += malloc(r["malloc"])
     if "compile_warm" in r:
         cw = r["compile_warm"]
         out += ["", f"Compiling the elementwise kernels ({cw['date']}, "
@@ -132,6 +134,25 @@ def attention_backward(ab: dict) -> list[str]:
             "cancel) is " + ", ".join(f"{w['speedup']:.1f}x at width {w['width']}"
                                       for w in many) + f". Training takes it up to width "
             f"{ab['chosen']}: {flash / chosen:.2f}x the flash-only wall time in one process."]
+
+
+def malloc(m: dict) -> list[str]:
+    """What glibc's malloc cost the passes before ccds kept freed memory
+    (results/malloc.md)."""
+    plain, kept = m["score"]["glibc default"], m["score"]["kept (ccds)"]
+    train = m["train"]
+    speed = [p / k for p, k in zip(plain["median_s"], kept["median_s"], strict=True)]
+    return ["", f"Page faults ({m['machine']}, {m['date']}, [malloc](results/malloc.md)): as "
+            "glibc's malloc comes, the few-MB temporaries a batch frees are unmapped or "
+            "trimmed and faulted in again, zero-filled, by the next batch (a median "
+            f"{plain['faults'][1]:,.0f} minor faults in a process's second scoring pass of "
+            f"{m['examples']['score']} examples), slowing every kernel, matmuls included. "
+            "ccds keeps freed memory in the process on a CPU (`models.keep_freed_memory`): "
+            f"scoring {speed[0]:.2f}x on a process's first pass and {speed[1]:.2f}x / "
+            f"{speed[2]:.2f}x on the next two (medians of fresh processes), at the same peak "
+            f"memory; LoRA training "
+            f"{train['glibc default']['median_s'][0] / train['kept (ccds)']['median_s'][0]:.2f}x "
+            "(a training process faults its peak in once either way)."]
 
 
 def train_batches(tb: dict) -> list[str]:
@@ -248,7 +269,7 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
     for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
-                 "attention_backward", "compile_warm", "train_batches"):
+                 "attention_backward", "compile_warm", "train_batches", "malloc"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)

@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,42 @@ def test_cache_windows_read_either_kwargs_shape(monkeypatch, family, kw, want):
     monkeypatch.setattr(cu, "get_layer_types_and_kwargs", shared)
     assert isinstance(shared(cfg)[1], dict)
     assert models._cache_windows(cfg) == want
+
+
+_REUSE = """
+import resource, sys, torch
+from ccds import models
+if sys.argv[1] == "keep":
+    assert models.keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.empty(5 << 20).fill_(1.0)  # 20 MB, touched: the first allocation faults anyway
+del x
+seen = []
+for _ in range(3):
+    before = faults()
+    x = torch.empty(5 << 20).fill_(1.0)
+    del x
+    seen.append(faults() - before)
+print(max(seen))
+"""
+
+
+@pytest.mark.skipif(not models._glibc(), reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults():
+    """After `keep_freed_memory`, a 20 MB block freed and allocated again comes back from
+    the heap: not the 5,120 pages a fresh mapping would fault in."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
+    kept = subprocess.run([sys.executable, "-c", _REUSE, "keep"], env=env, check=True,
+                          capture_output=True, text=True)
+    assert int(kept.stdout.split()[-1]) < 512
+
+
+def test_a_tuned_allocator_is_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    models.keep_freed_memory.cache_clear()
+    try:
+        assert not models.keep_freed_memory()
+    finally:
+        models.keep_freed_memory.cache_clear()

@@ -155,14 +155,56 @@ def _matmul_gflops(n: int = 1024, seconds: float = 0.6) -> dict[torch.dtype, flo
     return best
 
 
+# glibc's malloc, as ccds sets it for CPU passes (`keep_freed_memory`): blocks up to 32 MiB
+# (the most glibc accepts) come from the heap, whose top is handed back to the kernel only
+# past 1 GiB of free space, and which grows 64 MiB at a time
+MALLOPT = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
+
+
+@cache  # process-wide settings: made once
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next batch instead of returning it to
+    the kernel; whether that was done.
+
+    Why: a CPU pass allocates and frees the same few-MB temporaries every batch (logits
+    chunks, MLP activations, norms' fp32 copies). glibc serves blocks past its dynamic mmap
+    threshold with fresh mappings and trims its heap's top, so each batch page-faults and
+    zero-fills memory it just freed, which slowed every kernel of a scoring pass, matmuls
+    included (benchmarks/malloc.py). The peak footprint is unchanged; memory a pass freed
+    stays with the process until it exits. Left alone where the user tuned the allocator
+    (MALLOC_*_ variables, glibc.malloc tunables) or preloads another one, and off glibc."""
+    import ctypes
+
+    tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+    if (tuned or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+            or "malloc" in os.environ.get("LD_PRELOAD", "")
+            or not _glibc()):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all([mallopt(k, v) == 1 for k, v in MALLOPT.items()])
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not glibc, or not a POSIX system
+        return False
+
+
 def pick_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """CUDA when present; bf16 autocast where it is measured faster; else fp32."""
+    """CUDA when present; bf16 autocast where it is measured faster; else fp32. On a CPU,
+    the allocator keeps what passes free (`keep_freed_memory`)."""
     if dtype == "auto":  # an explicit argument wins over the environment
         dtype = os.environ.get("CCDS_DTYPE", "auto")
     requested = dtype
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     if dtype == "auto":
         if dev.type == "cuda":
             dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
