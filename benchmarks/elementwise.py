@@ -2,9 +2,10 @@
 run (issue 31): the same pool scored by `score_sequences` in a fresh process per variant, so
 that a monkeypatch, an allocator setting or a compiled graph cannot leak into the next.
 
-Variants: `plain` (ccds as shipped); `ftz` (denormals flushed to zero); `malloc` (glibc keeps
-freed memory instead of returning it, so large activations do not page-fault on every
-batch); `rms_norm` (torch's `F.rms_norm` in place of transformers' five-op RMSNorm);
+Variants: `plain` (ccds as shipped); `ftz` (denormals flushed to zero); `malloc` (glibc told
+by environment to keep freed memory; its mmap threshold of 2^34 is past the 32 MiB glibc
+accepts, so only the trim threshold took: benchmarks/malloc.py measures the setting ccds
+now makes itself, which these variables switch off, in results made after 2026-12-03); `rms_norm` (torch's `F.rms_norm` in place of transformers' five-op RMSNorm);
 `sdpa_math` (attention through matmul + softmax instead of the CPU flash kernel);
 `compile` (the decoder under `torch.compile`, weights frozen and prepacked by inductor).
 Each reports GFLOP/s (ccds's model FLOPs, real tokens) on its second pass, the first pass's

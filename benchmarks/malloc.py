@@ -138,7 +138,7 @@ def main(argv=None) -> int:
                 p = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=HERE)
                 runs[pass_][setting].append(json.loads(p.stdout.strip().splitlines()[-1]))
                 print(pass_, setting, runs[pass_][setting][-1], flush=True)
-    res = {"command": "python benchmarks/malloc.py " + " ".join(sys.argv[1:]),
+    res = {"command": " ".join(["python benchmarks/malloc.py", *sys.argv[1:]]),
            "date": str(date.today()), "machine": cpu(), "torch": torch.__version__,
            "dtype": pick_runtime().dtype_name,
            "examples": {"score": args.score, "train": args.train},

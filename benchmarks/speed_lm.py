@@ -166,7 +166,7 @@ def bench_scoring(model, tok, pool, n_ref: int, rt, peak_gflops: float) -> dict:
         times.append(time.perf_counter() - t)
     from ccds import decoder
 
-    auto_compiled = _no_grad_pass(ours_model, enc, rt, None).kernels is not decoder.EAGER
+    auto_compiled = _no_grad_pass(ours_model, enc, rt, None).kernels not in (None, decoder.EAGER)
     hf = transformers_scoring(ours_model, enc, tok.pad_token_id, flops, rt)
     hf["ccds_speedup"] = hf["wall_s"] / float(np.median(times))
     sub = encode(pool[:200], tok, 512)
@@ -351,7 +351,9 @@ def markdown(r: dict) -> str:
         "keeps what it built in memory.", "",
         "Spread over repeats in one process (min–max; the medians are used above; the "
         "first pass of each is the slowest: it builds oneDNN's kernels for each new shape "
-        "and grows the heap): "
+        "and grows the heap"
+        + (", and scoring's loads the compiled kernels" if s.get("auto_compiled") else "")
+        + "): "
         + ", ".join(f"{name} {x['min']:.1f}–{x['max']:.1f} s ({x['repeats']}x)" for name, x in (
             ("scoring", s["ccds_s"]), ("LESS loop", g["loop_spread"]),
             (f"LESS fp32 at {g['batch_tokens']:,} tokens",

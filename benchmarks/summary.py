@@ -146,7 +146,7 @@ def malloc(m: dict) -> list[str]:
             "glibc's malloc comes, the few-MB temporaries a batch frees are unmapped or "
             "trimmed and faulted in again, zero-filled, by the next batch (a median "
             f"{plain['faults'][1]:,.0f} minor faults in a process's second scoring pass of "
-            f"{m['examples']['score']} examples), slowing every kernel, matmuls included. "
+            f"{m['examples']['score']} examples). "
             "ccds keeps freed memory in the process on a CPU (`models.keep_freed_memory`): "
             f"scoring {speed[0]:.2f}x on a process's first pass and {speed[1]:.2f}x / "
             f"{speed[2]:.2f}x on the next two (medians of fresh processes), at the same peak "
@@ -230,11 +230,11 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
             f"{s['transformers']['ccds_speedup']:.2f}x the model's own forward over the same "
             f"pool in the same run ({s['transformers']['gflops'] / used:.0%} MFU there). Its "
             f"elementwise kernels compiled (inductor fuses each into one) score "
-            f"{c['speedup']:.2f}x faster again ({c['gflops'] / used:.0%} MFU) after a "
-            f"{c['compile_s']:.0f} s compile into an empty cache, which pays for itself from "
-            f"about {even:,.0f} examples; `CCDS_COMPILE=auto` compiles when a pass's predicted "
-            "eager time makes it pay (inductor keeps the artefacts on disk for the next "
-            "process). ")
+            f"{c['speedup']:.2f}x faster than `CCDS_COMPILE=off` ({c['gflops'] / used:.0%} "
+            "MFU); `CCDS_COMPILE=auto` compiles when a pass's predicted eager time makes it "
+            "pay, priced from what compiling costs in a fresh process (compile_warm below; "
+            "inductor keeps the artefacts on disk for the next process)"
+            + (", and compiled the pass above" if s.get("auto_compiled") else "") + ". ")
            + f"LoRA training reaches {t['mfu']:.0%} MFU; its matrix "
            f"multiplies take {t['time_shares']['gemm']:.0%} of the time, attention "
            f"{t['time_shares'].get('attention', 0):.0%}, the optimizer "
@@ -262,7 +262,10 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
                 f"process on {ew['examples']} examples ([elementwise](results/elementwise.md)): "
                 + "; ".join(f"{x['variant']} {x['gflops'] / base:.2f}x"
                             + (f" after {x['first_extra_s']:.0f} s" if x["first_extra_s"] > 20
-                               else "") for x in ew["variants"][1:]) + "."]
+                               else "") for x in ew["variants"][1:]) + "."
+                + (" (malloc there raised glibc's trim threshold only: its mmap threshold was "
+                   "past what glibc accepts; see Page faults below.)"
+                   if any(x["variant"] == "malloc" for x in ew["variants"]) else "")]
     return out
 
 

@@ -1,4 +1,5 @@
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -163,27 +164,27 @@ if sys.argv[1] == "keep":
     assert models.keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.empty(5 << 20).fill_(1.0)  # 20 MB, touched: the first allocation faults anyway
-del x
 seen = []
-for _ in range(3):
+for _ in range(8):  # a batch's temporaries: three of 20 MB at once, touched, then freed
     before = faults()
-    x = torch.empty(5 << 20).fill_(1.0)
-    del x
+    xs = [torch.empty(5 << 20).fill_(1.0) for _ in range(3)]
+    del xs
     seen.append(faults() - before)
-print(max(seen))
+print(max(seen[4:]))  # the first batches fault the heap's new pages in anyway
 """
 
 
 @pytest.mark.skipif(not models._glibc(), reason="glibc's malloc only")
 def test_freed_memory_is_reused_without_page_faults():
-    """After `keep_freed_memory`, a 20 MB block freed and allocated again comes back from
-    the heap: not the 5,120 pages a fresh mapping would fault in."""
+    """After `keep_freed_memory`, three 20 MB blocks freed together and allocated again
+    come back from the heap once it has grown. As glibc comes, its trim threshold (twice
+    its last mmap threshold) hands them back, and each round faults them in again."""
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
     kept = subprocess.run([sys.executable, "-c", _REUSE, "keep"], env=env, check=True,
                           capture_output=True, text=True)
-    assert int(kept.stdout.split()[-1]) < 512
+    pages = (20 << 20) // resource.getpagesize()
+    assert int(kept.stdout.split()[-1]) < pages // 10
 
 
 def test_a_tuned_allocator_is_left_alone(monkeypatch):

@@ -157,8 +157,9 @@ def _matmul_gflops(n: int = 1024, seconds: float = 0.6) -> dict[torch.dtype, flo
 
 # glibc's malloc, as ccds sets it for CPU passes (`keep_freed_memory`): blocks up to 32 MiB
 # (the most glibc accepts) come from the heap, whose top is handed back to the kernel only
-# past 1 GiB of free space, and which grows 64 MiB at a time
-MALLOPT = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}  # M_MMAP_THRESHOLD, M_TRIM_, M_TOP_PAD
+# past 1 GiB of free space, and which grows 64 MiB at a time (mallopt's keys, malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MALLOPT = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
 
 
 @cache  # process-wide settings: made once
@@ -169,10 +170,11 @@ def keep_freed_memory() -> bool:
     Why: a CPU pass allocates and frees the same few-MB temporaries every batch (logits
     chunks, MLP activations, norms' fp32 copies). glibc serves blocks past its dynamic mmap
     threshold with fresh mappings and trims its heap's top, so each batch page-faults and
-    zero-fills memory it just freed, which slowed every kernel of a scoring pass, matmuls
-    included (benchmarks/malloc.py). The peak footprint is unchanged; memory a pass freed
-    stays with the process until it exits. Left alone where the user tuned the allocator
-    (MALLOC_*_ variables, glibc.malloc tunables) or preloads another one, and off glibc."""
+    zero-fills memory it just freed (benchmarks/malloc.py: scoring's passes ran slower for
+    it). The peak footprint is unchanged; up to 1 GiB a pass freed stays with the process
+    for the next. Left alone where the user tuned the allocator (any MALLOC_*_ variable,
+    glibc.malloc tunables: setting one keeps glibc's own behaviour) or preloads another,
+    and off glibc."""
     import ctypes
 
     tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
