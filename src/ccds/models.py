@@ -172,9 +172,8 @@ def keep_freed_memory() -> bool:
     threshold with fresh mappings and trims its heap's top, so each batch page-faults and
     zero-fills memory it just freed (benchmarks/malloc.py: scoring's passes ran slower for
     it). The peak footprint is unchanged; up to 1 GiB a pass freed stays with the process
-    for the next. Left alone where the user tuned the allocator (any MALLOC_*_ variable,
-    glibc.malloc tunables: setting one keeps glibc's own behaviour) or preloads another,
-    and off glibc."""
+    for the next. Left alone where the user tuned the allocator (any MALLOC_*_ variable or
+    glibc.malloc tunable leaves it to them) or preloads another, and off glibc."""
     import ctypes
 
     tuned = any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
