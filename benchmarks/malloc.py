@@ -7,6 +7,7 @@ builds what later ones reuse), the other fine-tunes on them once with LoRA, as a
 process does. Each reports wall time, minor page faults and peak resident memory.
 
     .venv/bin/python benchmarks/malloc.py       # ~6 min on the 2-core CPU
+    .venv/bin/python benchmarks/malloc.py --dtype fp32    # results/malloc-fp32.*
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def worker(pass_: str, keep: bool, examples: int) -> dict:
+def worker(pass_: str, keep: bool, examples: int, dtype: str) -> dict:
     """In this fresh process: the pass on `examples` real examples, under one setting."""
     from speed_lm import placed, real_pool
 
@@ -43,7 +44,7 @@ def worker(pass_: str, keep: bool, examples: int) -> dict:
 
     if not keep:
         models.keep_freed_memory = lambda: False  # read by pick_runtime below
-    rt = models.pick_runtime()
+    rt = models.pick_runtime(dtype=dtype)
     model, tok, _ = models.load_causal_lm("smollm2-135m")
     pool = real_pool(300)[:examples]
     times, faults = [], []
@@ -87,8 +88,8 @@ def markdown(r: dict) -> str:
         "# glibc's malloc on a CPU pass: as it comes, and keeping freed memory", "",
         f"Command: `{r['command']}` — {r['date']}, {r['machine']}, torch {r['torch']}; "
         f"{r['examples']['score']} real examples scored, {r['examples']['train']} trained on "
-        f"(speed_lm's pool and training config), SmolLM2-135M, ccds's defaults "
-        f"(dtype {r['dtype']}); {r['repeats']} fresh processes per setting and pass, "
+        f"(speed_lm's pool and training config), SmolLM2-135M in {r['dtype']} "
+        f"({'ccds default here' if r.get('requested', 'auto') == 'auto' else 'forced'}); {r['repeats']} fresh processes per setting and pass, "
         "alternating; median time (min–max) and median minor page faults.", "",
         "| pass | glibc default | kept (ccds) | speedup |", "|---|---|---|---|",
         row("score", "scoring, first pass of the process", 0),
@@ -114,12 +115,13 @@ def main(argv=None) -> int:
     ap.add_argument("--score", type=int, default=300, help="examples scored")
     ap.add_argument("--train", type=int, default=100, help="examples trained on")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="auto (ccds's choice here), fp32 or bf16")
     ap.add_argument("--examples", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=("score", "train"), help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.keep, args.examples)))
+        print(json.dumps(worker(args.worker, args.keep, args.examples, args.dtype)))
         return 0
     import torch
     from peak import cpu
@@ -133,19 +135,21 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for setting in SETTINGS:
                 n = args.score if pass_ == "score" else args.train
-                cmd = [sys.executable, __file__, "--worker", pass_, "--examples", str(n)]
+                cmd = [sys.executable, __file__, "--worker", pass_, "--examples", str(n),
+                       "--dtype", args.dtype]
                 cmd += ["--keep"] if setting != SETTINGS[0] else []
                 p = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=HERE)
                 runs[pass_][setting].append(json.loads(p.stdout.strip().splitlines()[-1]))
                 print(pass_, setting, runs[pass_][setting][-1], flush=True)
     res = {"command": " ".join(["python benchmarks/malloc.py", *sys.argv[1:]]),
            "date": str(date.today()), "machine": cpu(), "torch": torch.__version__,
-           "dtype": pick_runtime().dtype_name,
-           "examples": {"score": args.score, "train": args.train},
+           "dtype": pick_runtime(dtype=args.dtype).dtype_name,
+           "examples": {"score": args.score, "train": args.train}, "requested": args.dtype,
            "repeats": args.repeats, "wall_s": time.perf_counter() - t0, "runs": runs,
            **{p: {s: summarise(v) for s, v in r.items()} for p, r in runs.items()}}
-    write_json(args.out / "malloc.json", res)
-    write_text(args.out / "malloc.md", markdown(res))
+    name = "malloc" if args.dtype == "auto" else f"malloc-{args.dtype}"
+    write_json(args.out / f"{name}.json", res)
+    write_text(args.out / f"{name}.md", markdown(res))
     print(markdown(res))
     return 0
 

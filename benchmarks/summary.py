@@ -106,7 +106,7 @@ def limits(r: dict) -> list[str]:
     if "train_batches" in r:
         out += train_batches(r["train_batches"])
     if "malloc" in r:
-        out += malloc(r["malloc"])
+        out += malloc(r["malloc"], r.get("malloc-fp32"))
     if "compile_warm" in r:
         cw = r["compile_warm"]
         out += ["", f"Compiling the elementwise kernels ({cw['date']}, "
@@ -136,9 +136,9 @@ def attention_backward(ab: dict) -> list[str]:
             f"{ab['chosen']}: {flash / chosen:.2f}x the flash-only wall time in one process."]
 
 
-def malloc(m: dict) -> list[str]:
+def malloc(m: dict, fp32: dict | None = None) -> list[str]:
     """What glibc's malloc cost the passes before ccds kept freed memory
-    (results/malloc.md)."""
+    (results/malloc.md), and on the fp32 path (results/malloc-fp32.md)."""
     plain, kept = m["score"]["glibc default"], m["score"]["kept (ccds)"]
     train = m["train"]
     speed = [p / k for p, k in zip(plain["median_s"], kept["median_s"], strict=True)]
@@ -152,7 +152,15 @@ def malloc(m: dict) -> list[str]:
             f"{speed[2]:.2f}x on the next two (medians of fresh processes), at the same peak "
             f"memory; LoRA training "
             f"{train['glibc default']['median_s'][0] / train['kept (ccds)']['median_s'][0]:.2f}x "
-            "(a training process faults its peak in once either way)."]
+            "(a training process faults its peak in once either way)."
+            + ("" if fp32 is None else " In fp32 (what `auto` picks without AMX), on the same "
+               "CPU: scoring " + " / ".join(
+                   f"{p / k:.2f}x" for p, k in zip(fp32["score"]["glibc default"]["median_s"],
+                                                   fp32["score"]["kept (ccds)"]["median_s"],
+                                                   strict=True))
+               + " over its three passes, training "
+               f"{fp32['train']['glibc default']['median_s'][0] / fp32['train']['kept (ccds)']['median_s'][0]:.2f}x "
+               "([malloc-fp32](results/malloc-fp32.md)).")]
 
 
 def train_batches(tb: dict) -> list[str]:
@@ -272,7 +280,8 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
     for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
-                 "attention_backward", "compile_warm", "train_batches", "malloc"):
+                 "attention_backward", "compile_warm", "train_batches", "malloc",
+                 "malloc-fp32"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
