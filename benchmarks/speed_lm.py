@@ -350,8 +350,8 @@ def markdown(r: dict) -> str:
         "is measured in fresh processes (results/compile_warm.md): in this one, inductor "
         "keeps what it built in memory.", "",
         "Spread over repeats in one process (min–max; the medians are used above; the "
-        "first pass of each is the slowest: it builds oneDNN's kernels for each new shape "
-        "and grows the heap"
+        "first pass of each also builds oneDNN's kernels for each new shape and grows the "
+        "heap"
         + (", and scoring's loads the compiled kernels" if s.get("auto_compiled") else "")
         + "): "
         + ", ".join(f"{name} {x['min']:.1f}–{x['max']:.1f} s ({x['repeats']}x)" for name, x in (

@@ -151,11 +151,11 @@ def _built_marker(kernel: str, dtype: torch.dtype, grad: bool = False) -> Path |
     return Path(root) / "ccds" / f"{kernel}-{key}"
 
 
-def compile_seconds(dtype: torch.dtype) -> float:
-    """What compiling the kernels for a no-grad pass on `dtype` inputs (what `auto`
-    compiles) costs now: little where an earlier process built them into the same inductor
-    cache (`_built_marker`), else a full build."""
-    markers = [_built_marker(k, dtype) for k in Kernels._fields]
+def compile_seconds(dtype: torch.dtype, grad: bool = False) -> float:
+    """What compiling the kernels for a pass on `dtype` inputs, without gradients or
+    (`grad`) with them, costs now: little where an earlier process built them into the same
+    inductor cache (`_built_marker`), else a full build."""
+    markers = [_built_marker(k, dtype, grad) for k in Kernels._fields]
     warm = all(m is not None and m.exists() for m in markers)
     return WARM_COMPILE_SECONDS if warm else COMPILE_SECONDS
 
