@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ccds import decoder
+from ccds.flops import FlopCounter
 from ccds.lm import mean_hidden, score_sequences
 from ccds.models import add_lora, pick_runtime
 from ccds.tokenize import Encoded, collate, token_batches
@@ -197,6 +198,38 @@ def test_a_failed_build_leaves_no_marker(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="running eager"):
         decoder._guarded(broken, decoder._swiglu)(torch.ones(2), torch.ones(2))
     assert not list(tmp_path.rglob("swiglu-*"))
+
+
+def test_a_counted_call_runs_eager_and_the_next_one_compiles(tmp_path, monkeypatch):
+    """Under a Meter's FLOP counter (a dispatch mode) dynamo would run the call eager and
+    skip the function for good: the guard runs it eager itself, and compiles after."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fast(*args):
+        calls.append("fast")
+        return decoder._swiglu(*args)
+
+    run = decoder._guarded(fast, decoder._swiglu)
+    with FlopCounter():
+        run(torch.ones(2), torch.ones(2))
+    assert calls == [] and not list(tmp_path.rglob("swiglu-*"))  # no build claimed
+    run(torch.ones(2), torch.ones(2))
+    assert calls == ["fast"] and list(tmp_path.rglob("swiglu-*"))
+
+
+@pytest.mark.slow
+def test_kernels_first_called_under_the_counter_still_compile(tmp_path, monkeypatch):
+    """What the guard is for, with dynamo itself: inductor writes the build after a counted
+    first call (without the guard it never does in that process)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    rms = decoder._guarded(torch.compile(decoder._rms, dynamic=True), decoder._rms)
+    x, w = torch.randn(8, 16), torch.ones(16)
+    with FlopCounter():
+        rms(x, w, 1e-6)
+    assert torch.allclose(rms(x, w, 1e-6), decoder._rms(x, w, 1e-6), atol=1e-6)
+    assert list(tmp_path.rglob("*.py")), "inductor built nothing"
 
 
 def test_passes_take_it_and_keep_their_numbers(monkeypatch):

@@ -37,6 +37,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from .errors import CcdsError
@@ -190,12 +191,16 @@ def _guarded(fast: Callable, eager: Callable) -> Callable:
     """`compiled`, or `eager` from its first failure on (no C++ compiler or Triton here,
     an unsupported op): one warning, and the pass goes on with the same numbers to rounding.
     Its first success for each input dtype and grad mode leaves `_built_marker` for later
-    processes."""
+    processes.
+
+    Eager too while a dispatch mode is on (a Meter's FLOP counter, over a pass's first
+    batches): dynamo would run that call eager and skip the function for the rest of the
+    process, so the pass would never compile, and the marker would claim a build."""
     failed: list[BaseException] = []
     built: set[tuple[torch.dtype, bool]] = set()
 
     def run(*args):
-        if not failed:
+        if not failed and not is_in_torch_dispatch_mode(include_infra_modes=False):
             try:
                 out = fast(*args)
             except (torch.OutOfMemoryError, MemoryError):
