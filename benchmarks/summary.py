@@ -117,6 +117,15 @@ def limits(r: dict) -> list[str]:
                 f"there; ccds priced them at {cw['cold']['priced_s']:.1f} s and "
                 f"{cw['warm']['priced_s']:.1f} s before each, so `CCDS_COMPILE=auto` compiles "
                 "shorter passes once a build is cached."]
+    if "compile_warm-train" in r:
+        ct = r["compile_warm-train"]
+        out[-1] += (f" Training with them compiled (their forward and backward: another build; "
+                    f"{ct['machine']}, {ct['date']}, [compile_warm-train]"
+                    "(results/compile_warm-train.md)) ran at "
+                    f"{ct['saving']:.2f}x the eager speed in later passes, after a build that "
+                    f"took {ct['cold']['compile_s'] - ct['eager']['compile_s']:.0f} s beyond an "
+                    "eager first pass: `auto` does not compile training (`CCDS_COMPILE=on` "
+                    "does).")
     return ["", "## What limits the language-model passes"] + out if out else []
 
 
@@ -281,8 +290,8 @@ def limits_lm(lm: dict, ew: dict | None) -> list[str]:
 def main() -> int:
     r = {p.stem: read_json(p) for p in sorted(RESULTS.glob("speed_*.json"))}
     for name in ("memory", "scaling", "projection", "elementwise", "own_forward",
-                 "attention_backward", "compile_warm", "train_batches", "malloc",
-                 "malloc-fp32"):
+                 "attention_backward", "compile_warm", "compile_warm-train", "train_batches",
+                 "malloc", "malloc-fp32"):
         if (RESULTS / f"{name}.json").exists():
             r[name] = read_json(RESULTS / f"{name}.json")
     rows = targets(r)
