@@ -119,13 +119,12 @@ def limits(r: dict) -> list[str]:
                 "shorter passes once a build is cached."]
     if "compile_warm-train" in r:
         ct = r["compile_warm-train"]
-        out[-1] += (f" Training with them compiled (their forward and backward: another build; "
-                    f"{ct['machine']}, {ct['date']}, [compile_warm-train]"
-                    "(results/compile_warm-train.md)) ran at "
-                    f"{ct['saving']:.2f}x the eager speed in later passes, after a build that "
-                    f"took {ct['cold']['compile_s'] - ct['eager']['compile_s']:.0f} s beyond an "
-                    "eager first pass: `auto` does not compile training (`CCDS_COMPILE=on` "
-                    "does).")
+        out += ["", f"Training with the kernels compiled (their forward and backward: another "
+                f"build; {ct['machine']}, {ct['date']}, {ct['dtype']}, [compile_warm-train]"
+                "(results/compile_warm-train.md)) ran at "
+                f"{ct['saving']:.2f}x the eager speed in later passes, after a build that took "
+                f"{ct['cold']['compile_s'] - ct['eager']['compile_s']:.0f} s beyond an eager "
+                "first pass. `auto` leaves training eager (`CCDS_COMPILE=on` compiles it)."]
     return ["", "## What limits the language-model passes"] + out if out else []
 
 

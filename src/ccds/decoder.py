@@ -37,7 +37,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from .errors import CcdsError
@@ -187,8 +186,15 @@ def kernels_for(seconds: float | None, device: torch.device,
     return compiled() if compile_pays(compile_setting(), device, seconds, dtype) else EAGER
 
 
+try:  # the check dynamo makes before it skips a function for the rest of the process
+    from torch.utils._python_dispatch import any_torch_dispatch_mode_on_stack as _in_mode
+except ImportError:  # another torch: any mode on the stack
+    def _in_mode() -> bool:
+        return torch._C._len_torch_dispatch_stack() > 0
+
+
 def _guarded(fast: Callable, eager: Callable) -> Callable:
-    """`compiled`, or `eager` from its first failure on (no C++ compiler or Triton here,
+    """`fast` (compiled), or `eager` from its first failure on (no C++ compiler or Triton here,
     an unsupported op): one warning, and the pass goes on with the same numbers to rounding.
     Its first success for each input dtype and grad mode leaves `_built_marker` for later
     processes.
@@ -200,7 +206,7 @@ def _guarded(fast: Callable, eager: Callable) -> Callable:
     built: set[tuple[torch.dtype, bool]] = set()
 
     def run(*args):
-        if not failed and not is_in_torch_dispatch_mode(include_infra_modes=False):
+        if not failed and not _in_mode():
             try:
                 out = fast(*args)
             except (torch.OutOfMemoryError, MemoryError):
