@@ -120,7 +120,7 @@ def limits(r: dict) -> list[str]:
     if "compile_warm-train" in r:
         ct = r["compile_warm-train"]
         out += ["", f"Training with the kernels compiled (their forward and backward: another "
-                f"build; {ct['machine']}, {ct['date']}, {ct['dtype']}, [compile_warm-train]"
+                f"build; {ct['machine']}, {ct['date']}, {ct['cold']['dtype']}, [compile_warm-train]"
                 "(results/compile_warm-train.md)) ran at "
                 f"{ct['saving']:.2f}x the eager speed in later passes, after a build that took "
                 f"{ct['cold']['compile_s'] - ct['eager']['compile_s']:.0f} s beyond an eager "
