@@ -80,7 +80,8 @@ def test_killed_sweep_finishes_with_the_same_rows(tmp_path, tiny_model_dir, figu
         p = sweep(cfg, env)
         deadline = time.monotonic() + max(5.0, t_ref)
         while p.poll() is None and time.monotonic() < deadline:
-            if len(rows(tmp_path / "k")) > stored[-1]:
+            store = tmp_path / "k" / "runs.sqlite"  # the sweep's to create, not the test's
+            if store.exists() and len(rows(tmp_path / "k")) > stored[-1]:
                 time.sleep(rng.uniform(0, 0.5))
                 break
             time.sleep(0.1)
